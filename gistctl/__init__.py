@@ -1,0 +1,3 @@
+"""gistctl: learned context compression with gist tokens."""
+
+__version__ = "0.1.0"

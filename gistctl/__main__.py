@@ -1,0 +1,3 @@
+from gistctl.cli.main import app
+
+app(prog_name="gistctl")

@@ -1,0 +1,1 @@
+"""The `gistctl` command line: parsing, progress display and printing only."""

@@ -1,0 +1,177 @@
+"""Settings as dataclasses; precedence: defaults -> YAML file -> CLI flags.
+
+A YAML file has the sections `model`, `gist`, `lora`, `train`; every key must be a field below.
+Validation happens in `__post_init__` and raises `ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gistctl.errors import ConfigError
+
+
+def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{key} must be {bound}, got {value!r}")
+
+
+@dataclass
+class ModelSettings:
+    name: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    device: str | None = None  # None: cuda if available else cpu
+    dtype: str | None = None  # None: bf16 on CUDA if supported else fp32
+    load_in_4bit: bool = False
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        if self.dtype not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"model.dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ConfigError(f"model.attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
+
+
+@dataclass
+class GistSettings:
+    num_tokens: int = 10  # K gist tokens per chunk
+    chunk_tokens: int = 1024  # longest context one chunk compresses; longer documents are split
+
+    def __post_init__(self):
+        _positive("gist", "num_tokens", self.num_tokens)
+        _positive("gist", "chunk_tokens", self.chunk_tokens)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self):
+        _positive("lora", "r", self.r)
+        _positive("lora", "alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module, e.g. [q_proj, v_proj]")
+        self.target_modules = list(self.target_modules)
+
+
+@dataclass
+class TrainSettings:
+    data: str | None = None  # training JSONL
+    eval: str | None = None  # evaluation JSONL, answered from the compressed KV
+    max_steps: int = 300
+    lr: float = 5e-4  # LoRA weights
+    gist_lr: float = 1e-3  # gist embedding rows
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512  # tokens of context + gists + question + answer; only the context is truncated
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True  # autocast where the device supports it
+    log_every: int = 1
+    eval_every: int = 50
+    eval_limit: int = 50
+    save_every: int = 50
+
+    def __post_init__(self):
+        for key in ("max_steps", "lr", "gist_lr", "batch_size", "grad_accum", "max_length",
+                    "log_every", "eval_every", "eval_limit", "save_every"):
+            _positive("train", key, getattr(self, key))
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
+            _positive("train", key, getattr(self, key), allow_zero=True)
+        for key in ("data", "eval"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"train.{key}: file '{value}' does not exist; build one with `gistctl data`")
+
+
+@dataclass
+class GistctlConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    gist: GistSettings = field(default_factory=GistSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {"model": ModelSettings, "gist": GistSettings, "lora": LoraSettings, "train": TrainSettings}
+
+
+def _check_keys(source: str, section: str, values: dict) -> None:
+    cls = _SECTION_CLASSES[section]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown key '{section}.{key}' in {source}; valid keys: {', '.join(sorted(known))}")
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """YAML reads `5e-4` as a string and flags arrive as text: convert to the field's declared type."""
+    kind = {f.name: f.type for f in dataclasses.fields(_SECTION_CLASSES[section])}[key]
+    try:
+        if kind == "bool" and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if kind == "int" and not isinstance(value, bool):
+            if float(value) != int(float(value)):
+                raise ValueError(value)
+            return int(float(value))
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key} must be of type {kind}, got {value!r}") from None
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GistctlConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` ({"train.lr": 1e-4, ...}; None values skipped)."""
+    merged: dict[str, dict] = {name: {} for name in _SECTION_CLASSES}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}".splitlines()[0]) from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections ({', '.join(_SECTION_CLASSES)})")
+        for section, values in data.items():
+            if section not in _SECTION_CLASSES:
+                raise ConfigError(f"unknown section '{section}' in {path}; valid sections: {', '.join(_SECTION_CLASSES)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
+            _check_keys(str(path), section, values)
+            merged[section].update({k: _coerce(section, k, v) for k, v in values.items()})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in _SECTION_CLASSES:
+            raise ConfigError(f"unknown setting '{dotted}'")
+        _check_keys("command-line flags", section, {key: value})
+        merged[section][key] = _coerce(section, key, value)
+    try:
+        return GistctlConfig(**{name: cls(**merged[name]) for name, cls in _SECTION_CLASSES.items()})
+    except TypeError as err:  # wrong value type that dataclasses could not take
+        raise ConfigError(str(err)) from err
+
+
+def config_from_dict(data: dict[str, Any]) -> GistctlConfig:
+    """Rebuild a config saved with `to_dict` (e.g. a checkpoint's config.yaml), validating it again."""
+    return GistctlConfig(**{name: cls(**data.get(name, {})) for name, cls in _SECTION_CLASSES.items()})

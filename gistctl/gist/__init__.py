@@ -1,0 +1,1 @@
+"""Gist tokens, the gist attention mask, the collator and the LoRA wrapper."""

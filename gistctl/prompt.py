@@ -1,0 +1,48 @@
+"""The one prompt template and decoding settings shared by every method, training and evaluation.
+
+- gist:  [document tokens][gists] + chat(question) -> answer + end-of-turn
+- full / rag: chat(document or retrieved chunks + "\\n\\n" + question) -> answer
+`chat(x)` is the tokenizer's chat template for one user turn with the generation prompt appended.
+"""
+
+from __future__ import annotations
+
+MAX_NEW_TOKENS = 32  # greedy decoding everywhere; answers here are short spans
+
+
+def context_ids(tokenizer, text: str) -> list[int]:
+    """Document tokens with no special tokens added."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_ids(tokenizer, user_message: str) -> list[int]:
+    """One user turn in the model's chat template, ending with the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """The question segment that follows the gists."""
+    return chat_ids(tokenizer, question)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The answer the model is trained to produce, closed by the end-of-turn token."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def with_context_ids(tokenizer, context: str, question: str) -> list[int]:
+    """Prompt for methods that put text in front of the model at question time (full, rag)."""
+    return chat_ids(tokenizer, f"{context}\n\n{question}")
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's eos plus the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return {i for i in ids if i is not None}

@@ -1,0 +1,133 @@
+"""Run directories and atomic writes.
+
+Every command that produces output works in `runs/<command>-<UTC timestamp>-<short id>/` (or `--run-dir`),
+which holds the resolved `config.yaml` and a `meta.json` written before work starts. Files are written
+to a temporary name in the same directory and moved into place with `os.replace`, so a crash never
+leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from gistctl import __version__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_yaml(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def runs_root() -> Path:
+    """Where run directories go: `$GISTCTL_RUNS`, default `./runs`."""
+    return Path(os.environ.get("GISTCTL_RUNS") or "runs")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_meta() -> dict[str, Any]:
+    """Versions and device: what a reader needs to reproduce or compare a run."""
+    import torch
+    import transformers
+
+    return {
+        "gistctl_version": __version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+    }
+
+
+@dataclass
+class RunDir:
+    """A run directory: `path` plus helpers that write into it atomically."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, command: str, config: dict[str, Any] | None = None, *, seed: int | None = None,
+               run_dir: str | Path | None = None, argv: list[str] | None = None) -> "RunDir":
+        """Make the directory and write `config.yaml` and `meta.json` before any work starts."""
+        if run_dir is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            run_dir = runs_root() / f"{command}-{stamp}-{secrets.token_hex(3)}"
+        path = Path(run_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.write_yaml("config.yaml", config or {})
+        meta = {"command": command, "created_at": utc_now(), "seed": seed,
+                "argv": argv if argv is not None else sys.argv, **environment_meta()}
+        run.write_json("meta.json", meta)
+        return run
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_json(self.file(name), obj)
+        return self.file(name)
+
+    def write_yaml(self, name: str, obj: Any) -> Path:
+        atomic_write_yaml(self.file(name), obj)
+        return self.file(name)
+
+    def write_text(self, name: str, text: str) -> Path:
+        atomic_write_text(self.file(name), text)
+        return self.file(name)

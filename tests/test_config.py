@@ -1,0 +1,49 @@
+import pytest
+
+from gistctl.config import GistctlConfig, config_from_dict, load_config
+from gistctl.errors import ConfigError
+
+
+def test_defaults_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gist:\n  num_tokens: 25\ntrain:\n  lr: 5e-4\n  max_steps: 10\n")
+    config = load_config(path, {"train.max_steps": 7, "train.batch_size": None})
+    assert config.gist.num_tokens == 25
+    assert config.train.lr == pytest.approx(5e-4)  # YAML reads 5e-4 as a string; it is coerced
+    assert config.train.max_steps == 7  # flag beats YAML
+    assert config.train.batch_size == GistctlConfig().train.batch_size  # None flag leaves the default
+
+
+@pytest.mark.parametrize("text, key", [
+    ("gist:\n  num_tokens: -1\n", "gist.num_tokens"),
+    ("train:\n  lr: 0\n", "train.lr"),
+    ("train:\n  lrr: 0.1\n", "train.lrr"),
+    ("lora:\n  dropout: 1.5\n", "lora.dropout"),
+    ("train:\n  data: missing.jsonl\n", "train.data"),
+    ("optimizer:\n  lr: 1\n", "optimizer"),
+    ("train:\n  max_steps: many\n", "train.max_steps"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_config_errors_are_value_errors(tmp_path):
+    with pytest.raises(ValueError):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("gist_*.yaml"))
+    assert [c.name for c in configs] == ["gist_10.yaml", "gist_25.yaml", "gist_50.yaml"]
+    sizes = [load_config(c).gist.num_tokens for c in configs]
+    assert sizes == [10, 25, 50]
+
+
+def test_round_trip_through_dict():
+    config = load_config(None, {"gist.num_tokens": 3})
+    assert config_from_dict(config.to_dict()) == config
