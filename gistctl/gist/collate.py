@@ -1,0 +1,110 @@
+"""Examples -> token ids under the gist layout, with labels on answer tokens only.
+
+One example `{context, question, answer}` (or `answers: [...]`, the first is trained) becomes
+`[context chunks with K gists after each][chat(question)][answer + end-of-turn]`, tokenised by the same
+functions `ask` uses (gistctl.prompt). When an example is longer than `max_length`, only the context
+is cut (its end); gists, question and answer always stay whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gistctl import prompt
+from gistctl.errors import DataError
+from gistctl.gist.mask import ANSWER, GistBatch, GistLayout, build_gist_mask
+
+IGNORE_INDEX = -100
+
+
+def split_chunks(ids: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Split on token boundaries into chunks of at most `chunk_tokens` (one empty chunk for no tokens)."""
+    if not ids:
+        return [[]]
+    return [ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
+
+
+def interleave_gists(chunks: list[list[int]], gist_ids: list[int]) -> list[int]:
+    """[chunk_1][gists][chunk_2][gists]... as one id list."""
+    out: list[int] = []
+    for chunk in chunks:
+        out += chunk + list(gist_ids)
+    return out
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    layout: GistLayout
+    truncated_tokens: int  # context tokens cut to fit max_length
+
+
+class GistCollator:
+    """Callable on a list of examples -> a left-padded batch dict of tensors.
+
+    Batch keys: input_ids, labels, position_ids (B, L) long; attend (B, L, L) bool (convert with
+    `mask_for_model` at forward time); answer_lengths (B,) long.
+    """
+
+    def __init__(self, tokenizer, gist_ids: list[int], max_length: int, chunk_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.gist_ids = list(gist_ids)
+        self.max_length = max_length
+        self.chunk_tokens = chunk_tokens
+        self.examples_seen = 0
+        self.examples_truncated = 0
+
+    def encode(self, example: dict) -> EncodedExample:
+        answer = example.get("answer")
+        if answer is None:
+            answers = example.get("answers") or []
+            if not answers:
+                raise DataError(f"example {example.get('id', '?')} has no answer")
+            answer = answers[0]
+        context = prompt.context_ids(self.tokenizer, example["context"])
+        question = prompt.question_ids(self.tokenizer, example["question"])
+        answer_ids = prompt.answer_ids(self.tokenizer, str(answer))
+        k = len(self.gist_ids)
+        chunk = self.chunk_tokens or max(len(context), 1)
+        fixed = len(question) + len(answer_ids)
+
+        def total(n_context: int) -> int:
+            return n_context + k * max(1, -(-n_context // chunk)) + fixed
+
+        cut = max(0, total(len(context)) - self.max_length)
+        if cut:
+            if cut > len(context):
+                raise DataError(f"example {example.get('id', '?')}: gists + question + answer alone take "
+                                f"{total(0)} tokens, more than max_length {self.max_length}")
+            context = context[: len(context) - cut]
+        chunks = split_chunks(context, chunk)
+        self.examples_seen += 1
+        self.examples_truncated += cut > 0
+        layout = GistLayout(tuple(len(c) for c in chunks), k, len(question), len(answer_ids))
+        ids = interleave_gists(chunks, self.gist_ids) + question + answer_ids
+        labels = [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
+        return EncodedExample(ids, labels, layout, cut)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_encoded([self.encode(e) for e in examples], self.tokenizer.pad_token_id)
+
+
+def collate_encoded(encoded: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    gist_batch: GistBatch = build_gist_mask([e.layout for e in encoded])
+    length = gist_batch.kinds.shape[1]
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(encoded):
+        n = len(example.input_ids)
+        input_ids[row, length - n :] = torch.tensor(example.input_ids)
+        labels[row, length - n :] = torch.tensor(example.labels)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": gist_batch.position_ids,
+        "attend": gist_batch.attend,
+        "answer_lengths": (gist_batch.kinds == ANSWER).sum(dim=1),
+    }

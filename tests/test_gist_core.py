@@ -1,0 +1,148 @@
+"""Gist tokens, collator and the LoRA wrapper on the tiny model."""
+
+import pytest
+import torch
+
+from gistctl.config import LoraSettings
+from gistctl.gist.collate import IGNORE_INDEX, GistCollator
+from gistctl.gist.forward import gist_forward
+from gistctl.gist.lora import (adapter_fingerprint, expected_trainable_parameters, load_gist_model, save_adapter,
+                               wrap_with_lora)
+from gistctl.gist.mask import ANSWER, CONTEXT, GIST, QUESTION, build_gist_mask
+from gistctl.gist.tokens import add_gist_tokens
+from gistctl.models import load_model
+
+EXAMPLES = [
+    {"context": "Ada keeps the lighthouse. The call sign is MRW-7. " * 3, "question": "What is the call sign?",
+     "answer": "MRW-7"},
+    {"context": "The boat is named the Saint Brendan.", "question": "Name the boat.", "answers": ["Saint Brendan"]},
+    {"context": "Puffins nest on the western cliffs. " * 6, "question": "Where do puffins nest?",
+     "answer": "western cliffs"},
+]
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_add_gist_tokens_is_idempotent_and_mean_initialised(fresh):
+    model, tokenizer = fresh.model, fresh.tokenizer
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = add_gist_tokens(model, tokenizer, 4)
+    assert tokenizer.convert_ids_to_tokens(ids) == [f"<gist_{i}>" for i in range(4)]
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == old.shape[0] + 4
+    assert torch.equal(weight[: old.shape[0]], old)
+    assert torch.allclose(weight[ids], old.mean(dim=0).expand(4, -1))
+    assert model.get_output_embeddings().weight is weight  # still tied
+    assert add_gist_tokens(model, tokenizer, 4) == ids
+    assert model.get_input_embeddings().weight.shape[0] == old.shape[0] + 4
+    # the tokenizer keeps a gist token whole inside text
+    assert ids[1] in tokenizer("a <gist_1> b", add_special_tokens=False)["input_ids"]
+
+
+def test_collator_labels_only_on_answers(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
+    collator = GistCollator(fresh.tokenizer, gist_ids, max_length=512)
+    batch = collator(EXAMPLES)
+    kinds = build_gist_mask([collator.encode(e).layout for e in EXAMPLES]).kinds
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(labelled, kinds == ANSWER)
+    assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
+    assert torch.equal(batch["input_ids"][kinds == GIST], torch.tensor(gist_ids * 3))
+    answer = fresh.tokenizer.decode(batch["labels"][0][labelled[0]])
+    assert answer.startswith("MRW-7") and answer.endswith(fresh.tokenizer.eos_token)
+    assert collator.examples_truncated == 0
+
+
+def test_over_long_example_keeps_gists_question_answer_whole(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
+    long = {"context": "word " * 400, "question": "What is the call sign?", "answer": "MRW-7"}
+    collator = GistCollator(fresh.tokenizer, gist_ids, max_length=64)
+    encoded = collator.encode(long)
+    assert len(encoded.input_ids) == 64
+    assert encoded.truncated_tokens > 0 and collator.examples_truncated == 1
+    full = GistCollator(fresh.tokenizer, gist_ids, max_length=4096).encode(long)
+    tail = len(full.input_ids) - full.layout.chunks[0]
+    assert encoded.input_ids[-tail:] == full.input_ids[-tail:]  # gists, question and answer untouched
+    assert encoded.layout.question == full.layout.question and encoded.layout.answer == full.layout.answer
+
+
+def test_batch_equals_single_examples(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
+    collator = GistCollator(fresh.tokenizer, gist_ids, max_length=512, chunk_tokens=16)
+    batch = collator(EXAMPLES)
+    with torch.no_grad():
+        batched = gist_forward(fresh.model, batch).logits
+        for row, example in enumerate(EXAMPLES):
+            single = gist_forward(fresh.model, collator([example])).logits[0]
+            assert torch.allclose(batched[row, -single.shape[0]:], single, atol=1e-5)
+
+
+def test_gradients_reach_gist_rows_and_lora_only(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
+    settings = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = wrap_with_lora(fresh.model, gist_ids, settings)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    config = fresh.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    shapes = {"q_proj": (config.hidden_size, config.hidden_size),
+              "v_proj": (config.hidden_size, config.num_key_value_heads * head_dim)}
+    expected = expected_trainable_parameters(config, settings, 3, shapes)
+    print(f"trainable parameters: {trainable} (formula {expected})")
+    assert trainable == expected
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    embed_before = peft_model.get_input_embeddings()(torch.arange(len(fresh.tokenizer))[None]).detach().clone()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    batch = GistCollator(fresh.tokenizer, gist_ids, max_length=512)(EXAMPLES)
+    for _ in range(2):
+        loss = gist_forward(peft_model, batch, labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n or "trainable_tokens" in n for n in changed)
+    embed_after = peft_model.get_input_embeddings()(torch.arange(len(fresh.tokenizer))[None]).detach()
+    others = [i for i in range(len(fresh.tokenizer)) if i not in gist_ids]
+    assert torch.equal(embed_after[0, others], embed_before[0, others])  # other rows bit-identical
+    assert not torch.allclose(embed_after[0, gist_ids], embed_before[0, gist_ids])
+
+
+def test_adapter_save_load_gives_identical_logits(tiny_model_dir, tmp_path):
+    first = load_model(str(tiny_model_dir), device="cpu")
+    gist_ids = add_gist_tokens(first.model, first.tokenizer, 3)
+    peft_model = wrap_with_lora(first.model, gist_ids, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # move away from the identity initialisation so the test can fail
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.eval()
+    batch = GistCollator(first.tokenizer, gist_ids, max_length=512)(EXAMPLES)
+    with torch.no_grad():
+        expected = gist_forward(peft_model, batch).logits
+    fingerprint = save_adapter(peft_model, first, gist_ids, 64, tmp_path / "adapter")
+    size = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
+    assert size < 20 * 2**20
+    assert fingerprint == adapter_fingerprint(tmp_path / "adapter")
+    for merge in (False, True):
+        reloaded = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), tmp_path / "adapter", merge=merge)
+        assert reloaded.gist_ids == gist_ids and reloaded.chunk_tokens == 64
+        with torch.no_grad():
+            got = gist_forward(reloaded.model, batch).logits
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):
+    from tiny import save_tiny
+
+    from gistctl.errors import ModelLoadError
+
+    first = load_model(str(tiny_model_dir), device="cpu")
+    gist_ids = add_gist_tokens(first.model, first.tokenizer, 2)
+    save_adapter(wrap_with_lora(first.model, gist_ids, LoraSettings(r=2, alpha=4)), first, gist_ids, 64,
+                 tmp_path / "adapter")
+    other = load_model(str(save_tiny(tmp_path / "other", seed=3)), device="cpu")
+    with pytest.raises(ModelLoadError, match="was trained on"):
+        load_gist_model(other, tmp_path / "adapter")
