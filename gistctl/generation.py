@@ -59,7 +59,7 @@ def greedy_generate(
         cache = out.cache
         logits = out.logits[0, -1].float()
         if step == 0:
-            first_logits = logits.cpu()
+            first_logits = logits.detach().to("cpu", copy=True)
         if suppress_ids:
             logits[list(suppress_ids)] = float("-inf")
         token = int(logits.argmax())

@@ -1,47 +1,51 @@
-"""`gistctl ask`: answer questions about a document."""
+"""`gistctl ask`: answer questions from a gist blob, or from the document with --method full|rag."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
-from gistctl.cli.common import err_console, not_implemented, user_errors
+from gistctl.cli.common import err_console, user_errors
+from gistctl.engine import open_blob_method, open_text_method, read_document, read_questions
 from gistctl.errors import DataError
-from gistctl.methods import get_method
-from gistctl.models import load_model
-
-
-def read_document(path: Path) -> str:
-    if not path.is_file():
-        raise DataError(f"document '{path}' does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read '{path}' as UTF-8 text: {err}") from err
 
 
 @user_errors
 def ask(
     source: Path = typer.Argument(..., help="A gist blob (.kv) or, with --method full|rag, a text document."),
     questions: list[str] = typer.Argument(None, help="One or more questions."),
+    questions_file: Path = typer.Option(None, "--questions", help="A text file with one question per line."),
     method: str = typer.Option("gist", help="gist (answer from a blob), full or rag (answer from the document)."),
-    model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
+    model: str = typer.Option(None, help="HF model id or local directory; default: the blob's model / embedded default."),
+    adapter: str = typer.Option(None, help="gist: adapter directory; default: the one the blob was made with."),
+    device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     truncate: bool = typer.Option(False, help="full: cut the document to fit the window instead of failing."),
+    index: str = typer.Option(None, help="rag: LanceDB index directory to reuse across calls."),
     max_new_tokens: int = typer.Option(32, help="Longest answer in tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per question with timings."),
 ) -> None:
-    """Answer questions from a gist blob (default) or from the document itself (--method full|rag)."""
-    if not questions:
-        raise DataError("give at least one question")
+    """Answer questions; by default from a gist blob alone. Answers go to stdout, one per question."""
+    asked = list(questions or []) + (read_questions(questions_file) if questions_file else [])
+    if not asked:
+        raise DataError("give at least one question (arguments or --questions FILE)")
     if method == "gist":
-        not_implemented("ask (gist blobs)")
-    document = read_document(source)
-    loaded = load_model(model)
-    runner = get_method(method, loaded=loaded, truncate=truncate, max_new_tokens=max_new_tokens)
-    state = runner.prepare(document)
-    for question in questions:
+        runner, state = open_blob_method(source, model=model, adapter=adapter, device=device,
+                                         max_new_tokens=max_new_tokens)
+    else:
+        runner = open_text_method(method, model=model, device=device, truncate=truncate, index=index,
+                                  max_new_tokens=max_new_tokens)
+        state = runner.prepare(read_document(source))
+    for question in asked:
         answer = runner.answer(state, question)
         for warning in runner.warnings or []:
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         runner.warnings = None
-        typer.echo(answer.text)
+        if as_json:
+            typer.echo(json.dumps({"question": question, "answer": answer.text, "method": method,
+                                   "ttft_ms": round(answer.ttft_ms, 2),
+                                   "decode_tokens_per_s": round(answer.decode_tokens_per_s, 2),
+                                   "prompt_tokens": answer.prompt_tokens, "state_bytes": runner.state_bytes(state)}))
+        else:
+            typer.echo(answer.text)

@@ -124,3 +124,27 @@ def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, 
     model.eval()
     return GistModel(loaded, model, gist_ids, int(meta.get("chunk_tokens", chunk_tokens)), str(adapter_dir),
                      adapter_fingerprint(adapter_dir))
+
+
+SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+DEFAULT_ADAPTER = "default"
+
+
+def resolve_adapter(spec: str | None) -> Path | None:
+    """None -> the shipped default adapter; 'none' -> untrained gist tokens (debugging); else a directory
+    or the name of a shipped adapter."""
+    if spec == NO_ADAPTER:
+        return None
+    if spec is None:
+        path = SHIPPED_ADAPTERS / DEFAULT_ADAPTER
+        if not (path / GIST_META).is_file():
+            raise ModelLoadError("no default gist adapter is shipped yet; pass --adapter DIR (train one with "
+                                 "`gistctl train`), or --adapter none for untrained gist tokens")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists() and (SHIPPED_ADAPTERS / spec / GIST_META).is_file():
+        path = SHIPPED_ADAPTERS / spec
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter directory '{spec}' does not exist")
+    read_gist_meta(path)
+    return path

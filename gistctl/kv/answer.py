@@ -1,0 +1,35 @@
+"""Answer a question from a gist blob alone: the one function `ask`, training evaluation and `bench` use."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from gistctl import prompt
+from gistctl.generation import Generation, greedy_generate
+from gistctl.gist.lora import GistModel
+from gistctl.kv.blob import GistBlob, check_blob_matches
+
+
+def blob_cache(blob: GistBlob, model) -> DynamicCache:
+    """A fresh cache holding the blob's gists (decoding extends a cache in place, so never reuse one)."""
+    param = next(model.parameters())
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    keys = blob.keys.to(param.device, dtype)
+    values = blob.values.to(param.device, dtype)
+    data = [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])]  # (1, kv_heads, K_total, head_dim)
+    return DynamicCache(ddp_cache_data=data, config=model.config)
+
+
+def check_blob_for_model(blob: GistBlob, gm: GistModel, where: str = "blob") -> None:
+    check_blob_matches(blob.meta, gm.loaded.fingerprint, gm.adapter_fingerprint, gm.loaded.name, gm.adapter_dir, where)
+
+
+def answer_from_blob(gm: GistModel, blob: GistBlob, question: str, *,
+                     max_new_tokens: int = prompt.MAX_NEW_TOKENS) -> Generation:
+    """Greedy answer; the question continues at the position after the gists in the original sequence."""
+    return greedy_generate(
+        gm.model, gm.tokenizer, prompt.question_ids(gm.tokenizer, question),
+        cache=blob_cache(blob, gm.model), cache_length=blob.meta.total_gists,
+        first_position=blob.meta.next_position, max_new_tokens=max_new_tokens,
+        stop_ids=prompt.stop_ids(gm.model, gm.tokenizer), suppress_ids=gm.gist_ids)

@@ -1,0 +1,185 @@
+"""Gist KV blobs: parity with the masked full forward pass, positions, formats, errors."""
+
+import json
+import struct
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gistctl import prompt
+from gistctl.cli.main import app
+from gistctl.gist.collate import interleave_gists, split_chunks
+from gistctl.gist.forward import gist_forward
+from gistctl.gist.lora import load_gist_model
+from gistctl.gist.mask import GistLayout, build_gist_mask
+from gistctl.kv.answer import answer_from_blob, blob_cache
+from gistctl.kv.blob import read_blob, write_blob
+from gistctl.kv.compress import compress_document
+from gistctl.generation import greedy_generate
+from gistctl.models import load_model
+
+DOC = ("Marrow Island lies eleven miles off the northern coast. The lighthouse is kept by Ada Lindqvist. "
+       "Its radio call sign is MRW-7 and the supply boat is the Saint Brendan. ") * 2
+QUESTION = "What is the call sign?"
+
+
+def gist_model(model_dir, chunk_tokens=1024, k=3):
+    gm = load_gist_model(load_model(str(model_dir), device="cpu"), None, num_gist=k, chunk_tokens=chunk_tokens)
+    with torch.no_grad():  # distinct gist rows, so a wrong gist order or position would show
+        gm.model.get_input_embeddings().weight[gm.gist_ids] += torch.randn(k, gm.model.config.hidden_size) * 0.5
+    return gm
+
+
+def masked_reference(gm, text, question, answer_ids=()):
+    """Logits of [chunks+gists][question][answer] from one masked full forward pass (no cache)."""
+    ids = prompt.context_ids(gm.tokenizer, text)
+    chunks = split_chunks(ids, gm.chunk_tokens)
+    q = prompt.question_ids(gm.tokenizer, question)
+    layout = GistLayout(tuple(len(c) for c in chunks), gm.num_gist, len(q), len(answer_ids))
+    batch = build_gist_mask([layout]).__dict__
+    batch["input_ids"] = torch.tensor([interleave_gists(chunks, gm.gist_ids) + q + list(answer_ids)])
+    with torch.no_grad():
+        return gist_forward(gm.model, batch).logits[0]
+
+
+def masked_greedy(gm, text, question, steps):
+    out = []
+    stops = prompt.stop_ids(gm.model, gm.tokenizer)
+    for _ in range(steps):
+        logits = masked_reference(gm, text, question, out)[-1].clone()
+        logits[gm.gist_ids] = float("-inf")
+        token = int(logits.argmax())
+        if token in stops:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("chunk_tokens", [1024, 16])  # one chunk; several chunks
+def test_blob_round_trip_matches_masked_full_forward(tiny_model_dir, tmp_path, chunk_tokens):
+    gm = gist_model(tiny_model_dir, chunk_tokens)
+    blob, stats = compress_document(gm, DOC, dtype="fp32")
+    assert stats.chunks == (1 if chunk_tokens == 1024 else -(-stats.document_tokens // 16))
+    write_blob(blob, tmp_path / "doc.kv")
+    loaded_blob = read_blob(tmp_path / "doc.kv")
+    gen = answer_from_blob(gm, loaded_blob, QUESTION, max_new_tokens=6)
+    reference = masked_reference(gm, DOC, QUESTION)[-1]
+    assert torch.allclose(gen.first_logits, reference, atol=1e-4)
+    assert gen.token_ids == masked_greedy(gm, DOC, QUESTION, 6)
+    # fp16 blob: same next-token argmax
+    half, _ = compress_document(gm, DOC, dtype="fp16")
+    assert int(answer_from_blob(gm, half, QUESTION, max_new_tokens=1).first_logits.argmax()) == int(reference.argmax())
+
+
+def test_positions_matter(tiny_model_dir):
+    gm = gist_model(tiny_model_dir)
+    blob, _ = compress_document(gm, DOC, dtype="fp32")
+    right = answer_from_blob(gm, blob, QUESTION, max_new_tokens=1).first_logits
+    # broken variant: restart the question's positions right after the cache length, as `generate` would
+    wrong = greedy_generate(gm.model, gm.tokenizer, prompt.question_ids(gm.tokenizer, QUESTION),
+                            cache=blob_cache(blob, gm.model), cache_length=blob.meta.total_gists,
+                            first_position=blob.meta.total_gists, max_new_tokens=1).first_logits
+    assert not torch.allclose(right, wrong, atol=1e-3)
+    assert blob.meta.next_position == blob.meta.document_tokens + blob.meta.num_gist
+    assert blob.meta.gist_positions == list(range(blob.meta.document_tokens, blob.meta.next_position))
+
+
+def test_blob_size_is_the_formula_plus_header(tiny_model_dir, tmp_path):
+    gm = gist_model(tiny_model_dir, chunk_tokens=16)
+    blob, stats = compress_document(gm, DOC, dtype="fp16")
+    size = write_blob(blob, tmp_path / "doc.kv")
+    config = gm.model.config
+    kv_heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    tensor_bytes = 2 * config.num_hidden_layers * kv_heads * gm.num_gist * stats.chunks * head_dim * 2
+    header = struct.unpack("<Q", (tmp_path / "doc.kv").read_bytes()[:8])[0]
+    assert size == 8 + header + tensor_bytes
+    assert stats.full_kv_bytes == 2 * config.num_hidden_layers * kv_heads * stats.document_tokens * head_dim * 2
+
+
+def _compress_cli(model_dir, doc_path, *extra):
+    return CliRunner().invoke(app, ["compress", str(doc_path), "--model", str(model_dir), "--adapter", "none",
+                                    "--gist", "3", *extra])
+
+
+@pytest.fixture
+def blob_file(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    result = _compress_cli(tiny_model_dir, doc)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "doc.kv").exists()  # -o defaults to <name>.kv beside the input
+    for word in ("document tokens", "blob bytes", "full KV bytes", "ratio", "compress time"):
+        assert word in result.output
+    return tmp_path / "doc.kv"
+
+
+def test_two_questions_in_one_call_equal_separate_calls(blob_file):
+    runner = CliRunner()
+    both = runner.invoke(app, ["ask", str(blob_file), QUESTION, "Who keeps the lighthouse?",
+                               "--max-new-tokens", "5"])
+    one = runner.invoke(app, ["ask", str(blob_file), QUESTION, "--max-new-tokens", "5"])
+    two = runner.invoke(app, ["ask", str(blob_file), "Who keeps the lighthouse?", "--max-new-tokens", "5"])
+    assert both.exit_code == one.exit_code == two.exit_code == 0, both.output
+    assert both.stdout.splitlines() == one.stdout.splitlines() + two.stdout.splitlines()
+
+
+def test_ask_json_reports_timings(blob_file):
+    result = CliRunner().invoke(app, ["ask", str(blob_file), QUESTION, "--json", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["state_bytes"] == blob_file.stat().st_size
+    assert row["ttft_ms"] > 0 and "answer" in row
+
+
+def _edit_metadata(path, change):
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_len])
+    meta = json.loads(header["__metadata__"]["gistctl"])
+    change(meta)
+    header["__metadata__"]["gistctl"] = json.dumps(meta)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * (-len(new_header) % 8)
+    path.write_bytes(struct.pack("<Q", len(new_header)) + new_header + raw[8 + header_len :])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated or corrupt|not a gistctl blob"),
+    (lambda p: p.write_text("hello"), "not a gistctl blob"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(format_version=99)), "newer than this gistctl"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(num_chunks=2)), "shape mismatch"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(model_fingerprint="0" * 64)), "was made with"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(adapter_fingerprint="f" * 64)), "was made with"),
+])
+def test_blob_errors_are_one_line_exit_2(blob_file, damage, message):
+    damage(blob_file)
+    result = CliRunner().invoke(app, ["ask", str(blob_file), QUESTION])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(message, result.output), result.output
+
+
+def test_blob_from_another_model_is_refused(blob_file, tmp_path):
+    from tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other", seed=7)
+    result = CliRunner().invoke(app, ["ask", str(blob_file), QUESTION, "--model", str(other)])
+    assert result.exit_code == 2
+    assert "was made with" in result.output and "you loaded" in result.output
+
+
+def test_compress_bad_inputs(tiny_model_dir, tmp_path):
+    missing = _compress_cli(tiny_model_dir, tmp_path / "absent.txt")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert _compress_cli(tiny_model_dir, empty).exit_code == 2
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 3000)  # the tiny model's window is 512 positions
+    too_long = _compress_cli(tiny_model_dir, long)
+    assert too_long.exit_code == 2 and "window" in too_long.output
+    result = CliRunner().invoke(app, ["ask", str(tmp_path / "absent.kv"), QUESTION])
+    assert result.exit_code == 2 and "does not exist" in result.output
