@@ -131,7 +131,8 @@ def test_adapter_save_load_gives_identical_logits(tiny_model_dir, tmp_path):
         assert reloaded.gist_ids == gist_ids and reloaded.chunk_tokens == 64
         with torch.no_grad():
             got = gist_forward(reloaded.model, batch).logits
-        assert torch.allclose(got, expected, atol=1e-5)
+        tolerance = 2e-4 if merge else 1e-5  # merging LoRA into the weights rounds differently in fp32
+        assert torch.allclose(got, expected, atol=tolerance), (merge, float((got - expected).abs().max()))
 
 
 def test_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):
@@ -146,3 +147,17 @@ def test_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):
     other = load_model(str(save_tiny(tmp_path / "other", seed=3)), device="cpu")
     with pytest.raises(ModelLoadError, match="was trained on"):
         load_gist_model(other, tmp_path / "adapter")
+
+
+def test_truncation_with_chunks_keeps_the_longest_context_that_fits(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
+    example = {"context": "word " * 60, "question": "Q?", "answer": "A"}
+    for max_length in range(40, 90, 7):
+        collator = GistCollator(fresh.tokenizer, gist_ids, max_length=max_length, chunk_tokens=16)
+        encoded = collator.encode(example)
+        assert len(encoded.input_ids) <= max_length
+        longer = {**example, "context": fresh.tokenizer.decode(
+            fresh.tokenizer("word " * 60, add_special_tokens=False)["input_ids"][: sum(encoded.layout.chunks) + 1])}
+        # one more context token would not fit
+        assert len(GistCollator(fresh.tokenizer, gist_ids, max_length=10_000, chunk_tokens=16).encode(longer)
+                   .input_ids) > max_length

@@ -32,3 +32,12 @@ def test_atomic_write_leaves_old_file_on_crash(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["blob.bin"]  # no temp file left behind
+
+
+def test_atomic_write_uses_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644

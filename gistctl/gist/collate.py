@@ -74,12 +74,17 @@ class GistCollator:
         def total(n_context: int) -> int:
             return n_context + k * max(1, -(-n_context // chunk)) + fixed
 
-        cut = max(0, total(len(context)) - self.max_length)
-        if cut:
-            if cut > len(context):
+        cut = 0
+        if total(len(context)) > self.max_length:
+            if total(0) > self.max_length:
                 raise DataError(f"example {example.get('id', '?')}: gists + question + answer alone take "
                                 f"{total(0)} tokens, more than max_length {self.max_length}")
-            context = context[: len(context) - cut]
+            low, high = 0, len(context)  # total() is monotone: find the longest context that fits
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if total(mid) <= self.max_length else (low, mid - 1)
+            cut = len(context) - low
+            context = context[:low]
         chunks = split_chunks(context, chunk)
         self.examples_seen += 1
         self.examples_truncated += cut > 0

@@ -1,0 +1,1 @@
+"""Benchmark gist vs RAG vs full context: runner, metrics, report."""

@@ -1,0 +1,1 @@
+"""Training gist adapters: the loop, checkpoints, and evaluation from the compressed KV."""

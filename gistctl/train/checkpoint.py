@@ -1,0 +1,77 @@
+"""Self-describing checkpoints: `step-%06d/`, `best/`, `final/`.
+
+Each holds the adapter directory files (PEFT adapter, tokenizer with gist tokens, gist.json), the
+resolved `config.yaml`, `meta.json` (step, seed, data fingerprints, metrics so far) and, for resumable
+step checkpoints, `training_state.pt` (optimizer, scheduler, RNG states). A checkpoint is written in a
+hidden temp directory and renamed into place, so one that exists under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gistctl.gist.lora import save_adapter
+from gistctl.runs import atomic_write_json, atomic_write_yaml
+
+STEP_DIR = re.compile(r"^step-(\d{6})$")
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "meta.json",
+                    "tokenizer.json", "tokenizer_config.json")
+STATE_FILE = "training_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int], chunk_tokens: int,
+                    config: dict, meta: dict, training_state: dict | None = None) -> Path:
+    """Write a complete checkpoint at `directory` (replacing an older one of that name)."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = dict(meta)
+    meta["adapter_fingerprint"] = save_adapter(peft_model, loaded, gist_ids, chunk_tokens, tmp,
+                                               extra_meta={"trained_steps": meta.get("step")})
+    atomic_write_yaml(tmp / "config.yaml", config)
+    atomic_write_json(tmp / "meta.json", meta)
+    if training_state is not None:
+        torch.save(training_state, tmp / STATE_FILE)
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest complete `step-NNNNNN/` in `run_dir` (temp directories are never matched)."""
+    steps = [p for p in Path(run_dir).iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return max(steps, key=lambda p: p.name) if steps else None
+
+
+def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
+    steps = sorted(p for p in Path(run_dir).iterdir() if STEP_DIR.match(p.name))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

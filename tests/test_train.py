@@ -1,0 +1,142 @@
+"""The training loop on the tiny model: learning, resume, accumulation, DDP, what it leaves on disk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gistctl.config import load_config
+from gistctl.data.schema import write_jsonl
+from gistctl.train.checkpoint import CHECKPOINT_FILES, STATE_FILE
+from gistctl.train.loop import TrainingError, train
+
+KEYS = ["7K2P9A", "Q4M8ZT", "B3X7RN", "H9C2LW"]
+
+
+def passkey_records(n=4):
+    records = []
+    for i in range(n):
+        key = KEYS[i % len(KEYS)]
+        context = f"The grass is green. The pass key is {key}. Remember it. The sky is blue. " * 2
+        records.append({"id": f"pk-{i}", "task": "passkey", "context": context, "question": "What is the pass key?",
+                        "answers": [key], "meta": {"seed": i, "source": "test"}})
+    return records
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, passkey_records())
+    return path
+
+
+def settings(model_dir, data, **train):
+    base = {"model.name": str(model_dir), "model.device": "cpu", "gist.num_tokens": 2, "train.data": str(data),
+            "train.batch_size": 2, "train.max_steps": 10, "train.warmup_steps": 2, "train.lr": 1e-2,
+            "train.gist_lr": 1e-2, "train.save_every": 5, "train.bf16": False, "lora.r": 4, "lora.alpha": 8}
+    base.update({f"train.{k}": v for k, v in train.items()})
+    return load_config(None, base)
+
+
+def test_overfit_one_batch_then_answer_from_blob(tiny_model_dir, tmp_path):
+    data = tmp_path / "two.jsonl"
+    records = passkey_records(2)  # one batch: same question, two keys -> only the gists can tell them apart
+    write_jsonl(data, records)
+    config = settings(tiny_model_dir, data, batch_size=2, max_steps=80)
+    result = train(config, tmp_path / "run", overfit_steps=80, overfit_threshold=0.2)
+    assert result.losses[-1] < 0.1 * result.losses[0]  # loss fell by more than 90%
+    from gistctl.gist.lora import load_gist_model
+    from gistctl.kv.answer import answer_from_blob
+    from gistctl.kv.compress import compress_document
+    from gistctl.models import load_model
+
+    gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), result.final_dir)
+    for record in records:
+        blob, _ = compress_document(gm, record["context"], dtype="fp32")
+        assert answer_from_blob(gm, blob, record["question"], max_new_tokens=8).text == record["answers"][0]
+
+
+def test_overfit_check_fails_loudly(tiny_model_dir, data_file, tmp_path):
+    config = settings(tiny_model_dir, data_file, lr=1e-9, gist_lr=1e-9, warmup_steps=0)
+    with pytest.raises(TrainingError, match="overfit check failed"):
+        train(config, tmp_path / "run", overfit_steps=3, overfit_threshold=0.01)
+
+
+def test_resume_equals_straight_run(tiny_model_dir, data_file, tmp_path):
+    straight = train(settings(tiny_model_dir, data_file), tmp_path / "straight")
+    first = train(settings(tiny_model_dir, data_file), tmp_path / "split", stop_after=5)
+    assert first.final_dir is None and (tmp_path / "split" / "step-000005" / STATE_FILE).is_file()
+    second = train(settings(tiny_model_dir, data_file), tmp_path / "split", resume=True)
+    assert second.steps == 10
+    assert abs(second.last_loss - straight.last_loss) < 1e-5
+    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 11))  # one line per step, none duplicated by the resume
+    a = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_accumulation_matches_big_batch(tiny_model_dir, data_file, tmp_path):
+    big = train(settings(tiny_model_dir, data_file, batch_size=4, max_steps=1, warmup_steps=0), tmp_path / "big")
+    acc = train(settings(tiny_model_dir, data_file, batch_size=2, grad_accum=2, max_steps=1, warmup_steps=0),
+                tmp_path / "acc")
+    a = load_file(str(big.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(acc.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert abs(big.last_loss - acc.last_loss) < 1e-5
+
+
+def test_checkpoint_files_and_frozen_weights(tiny_model_dir, data_file, tmp_path):
+    run = tmp_path / "run"
+    result = train(settings(tiny_model_dir, data_file, max_steps=6, save_every=3), run)
+    for name in ("step-000003", "final"):
+        files = set(os.listdir(run / name))
+        assert set(CHECKPOINT_FILES) <= files
+        assert (STATE_FILE in files) == name.startswith("step-")
+        assert not [f for f in files if f.startswith(".")]
+    assert not [p for p in os.listdir(run) if p.startswith(".")]  # no half-written checkpoint left
+    meta = json.loads((run / "final" / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["seed"] == 0 and meta["data"]["train"]["sha256"]
+    # the adapter holds LoRA weights and the gist rows only: base weights and other rows untouched
+    from gistctl.gist.lora import load_gist_model
+    from gistctl.models import load_model
+
+    base = load_model(str(tiny_model_dir), device="cpu")
+    base_embed = base.model.get_input_embeddings().weight.detach().clone()
+    base_mlp = base.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), result.final_dir, merge=False)
+    embed = gm.model.get_input_embeddings()(torch.arange(base_embed.shape[0])[None])[0]
+    assert torch.equal(embed, base_embed)
+    assert torch.equal(gm.model.base_model.model.model.layers[0].mlp.up_proj.weight, base_mlp)
+    gist_rows = gm.model.get_input_embeddings()(torch.tensor([gm.gist_ids]))[0]
+    assert not torch.allclose(gist_rows, base_embed.mean(dim=0).expand_as(gist_rows))  # gist rows trained
+
+
+def test_eval_from_compressed_kv_keeps_best(tiny_model_dir, data_file, tmp_path):
+    config = settings(tiny_model_dir, data_file, max_steps=4, eval_every=2, eval_limit=2)
+    config.train.eval = str(data_file)
+    train(config, tmp_path / "run")
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert set(evals[0]["eval"]["per_task"]) == {"passkey"} and evals[0]["eval"]["n"] == 2
+    best = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert best["best_eval"]["overall"] == max(r["eval"]["overall"] for r in evals)
+
+
+def test_two_process_cpu_run(tiny_model_dir, data_file, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gistctl", "train",
+               "--model", str(tiny_model_dir), "--data", str(data_file), "--gist", "2", "--max-steps", "3",
+               "--batch-size", "1", "--device", "cpu", "--run-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert [p for p in os.listdir(run) if p == "final"] == ["final"]
