@@ -66,8 +66,9 @@ def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter
 
 
 def open_text_method(name: str, *, model: str | None = None, device: str | None = None, truncate: bool = False,
-                     index: str | None = None, max_new_tokens: int = 32):
-    """full or rag over the base model."""
+                     rag: dict | None = None, max_new_tokens: int = 32):
+    """full or rag over the base model. `rag`: Rag settings (index_dir, chunk_tokens, overlap, top_k,
+    embedder as a path or id)."""
     from gistctl.methods import get_method
 
     if name not in ("full", "rag"):
@@ -77,5 +78,9 @@ def open_text_method(name: str, *, model: str | None = None, device: str | None 
     loaded = load_model(model, device=device)
     kwargs = {"loaded": loaded, "truncate": truncate, "max_new_tokens": max_new_tokens}
     if name == "rag":
-        kwargs["index_dir"] = index
+        from gistctl.models import load_embedder
+
+        settings = dict(rag or {})
+        settings["embedder"] = load_embedder(settings.get("embedder"), device=device)
+        kwargs.update(settings)
     return get_method(name, **kwargs)

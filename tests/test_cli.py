@@ -40,3 +40,18 @@ def test_ask_unknown_method_exit_2(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["ask", "--method", "nope", "--model", str(tiny_model_dir), str(doc), "Q?"])
     assert result.exit_code == 2
     assert "unknown method 'nope'" in result.output
+
+
+def test_ask_rag_reuses_an_index_dir(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse is kept by Ada. " * 40 + "The radio call sign is MRW-7. " + "Gulls fly. " * 40)
+    args = ["ask", "--method", "rag", "--model", str(tiny_model_dir), "--index", str(tmp_path / "index"),
+            "--chunk-tokens", "64", "--overlap", "8", "--top-k", "2", "--max-new-tokens", "2", "--json",
+            str(doc), "What is the call sign?"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    tables = sorted(p.name for p in (tmp_path / "index").iterdir())
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == tables  # same table, not a new one
+    assert '"method": "rag"' in first.stdout

@@ -23,6 +23,10 @@ def ask(
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     truncate: bool = typer.Option(False, help="full: cut the document to fit the window instead of failing."),
     index: str = typer.Option(None, help="rag: LanceDB index directory to reuse across calls."),
+    chunk_tokens: int = typer.Option(500, help="rag: tokens per chunk."),
+    overlap: int = typer.Option(50, help="rag: tokens shared by consecutive chunks."),
+    top_k: int = typer.Option(3, help="rag: chunks retrieved per question."),
+    embedder: str = typer.Option(None, help="rag: sentence-transformers model path or id; default all-MiniLM-L6-v2."),
     max_new_tokens: int = typer.Option(32, help="Longest answer in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per question with timings."),
 ) -> None:
@@ -34,7 +38,9 @@ def ask(
         runner, state = open_blob_method(source, model=model, adapter=adapter, device=device,
                                          max_new_tokens=max_new_tokens)
     else:
-        runner = open_text_method(method, model=model, device=device, truncate=truncate, index=index,
+        rag = {"index_dir": index, "chunk_tokens": chunk_tokens, "overlap": overlap, "top_k": top_k,
+               "embedder": embedder}
+        runner = open_text_method(method, model=model, device=device, truncate=truncate, rag=rag,
                                   max_new_tokens=max_new_tokens)
         state = runner.prepare(read_document(source))
     for question in asked:

@@ -1,0 +1,248 @@
+"""Bench outputs from prediction rows: metrics.json, report.md and PNG plots, all written atomically.
+
+metrics.json, per column (method): `accuracy`, `tasks.<task>`, `buckets.<length bucket>`, each
+`{mean, low, high, n}` (mean primary score and its 95% CI; NaN -> null), plus `n`, `errors` and the profile:
+means over rows without error of `ttft_ms`, `prepare_s`, `decode_tokens_per_s`, `prompt_tokens`,
+`state_bytes`, `full_kv_bytes`, `compression_ratio`; `peak_memory_bytes` is the max over rows.
+A row with an error (e.g. a document longer than the model's window for full context) scores 0.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from gistctl.bench.metrics import mean_ci95
+from gistctl.runs import RunDir, atomic_write_bytes
+
+FORMAT_VERSION = 1
+# Context-length buckets by meta.context_tokens: [low, high) in tokens.
+BUCKETS = ((0, 1000, "<1k"), (1000, 2000, "1k-2k"), (2000, 4000, "2k-4k"), (4000, 8000, "4k-8k"),
+           (8000, math.inf, ">=8k"))
+PLOTS = ("accuracy_vs_compression.png", "ttft.png", "peak_memory.png", "accuracy_by_length.png")
+PROFILE_MEANS = ("ttft_ms", "prepare_s", "decode_tokens_per_s", "prompt_tokens", "state_bytes", "full_kv_bytes",
+                 "compression_ratio")
+
+
+def length_bucket(tokens: int | None) -> str | None:
+    if tokens is None:
+        return None
+    return next(label for low, high, label in BUCKETS if low <= tokens < high)
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def ci(values: list[float]) -> dict[str, Any]:
+    mean, low, high = mean_ci95(values)
+    return {"mean": _finite(mean), "low": _finite(low), "high": _finite(high), "n": len(values)}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize_column(rows: list[dict]) -> dict[str, Any]:
+    ok = [r for r in rows if not r.get("error")]
+    tasks: dict[str, list[float]] = {}
+    buckets: dict[str, list[float]] = {}
+    for row in rows:
+        tasks.setdefault(row["task"], []).append(row["primary"])
+        label = length_bucket(row.get("context_tokens"))
+        if label:
+            buckets.setdefault(label, []).append(row["primary"])
+    order = [label for _, _, label in BUCKETS]
+    first = rows[0] if rows else {}
+    summary = {
+        "kind": first.get("kind"), "adapter": first.get("adapter"), "num_gist": first.get("num_gist"),
+        "n": len(rows), "errors": len(rows) - len(ok),
+        "accuracy": ci([r["primary"] for r in rows]),
+        "tasks": {task: ci(values) for task, values in sorted(tasks.items())},
+        "buckets": {label: ci(buckets[label]) for label in order if label in buckets},
+        "peak_memory_bytes": max((max(r.get("peak_memory_bytes") or 0, r.get("prepare_peak_memory_bytes") or 0)
+                                  for r in rows), default=None) or None,
+    }
+    for key in PROFILE_MEANS:
+        summary[key] = _mean([r.get(key) for r in ok])
+    return summary
+
+
+def summarize(rows: list[dict], columns: list[str], info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json content for `columns` (in that order) from their prediction rows."""
+    by_column = {column: [r for r in rows if r["method"] == column] for column in columns}
+    return {
+        "format_version": FORMAT_VERSION,
+        **(info or {}),
+        "full_kv_reference": "fp16 KV cache of the whole document (kv_cache_bytes(config, document_tokens, 2))",
+        "buckets": [label for _, _, label in BUCKETS],
+        "n_examples": len({r["id"] for r in rows}),
+        "columns": list(columns),  # the methods' order (metrics.json sorts keys)
+        "methods": {column: summarize_column(by_column[column]) for column in columns},
+    }
+
+
+def ordered(metrics: dict) -> list[tuple[str, dict]]:
+    """(column, its metrics) in the run's column order."""
+    methods = metrics["methods"]
+    return [(column, methods[column]) for column in metrics.get("columns", list(methods))]
+
+
+# -- formatting, shared by report.md and the terminal table ---------------------------------------------------
+
+SUMMARY_HEADERS = ("method", "accuracy (95% CI)", "n", "errors", "TTFT ms", "prepare s", "decode tok/s",
+                   "peak mem MiB", "state KiB", "compression x", "prompt tokens")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def fmt_ci(c: dict) -> str:
+    if c["mean"] is None:
+        return "-"
+    interval = "" if c["low"] is None else f" [{c['low']:.2f}, {c['high']:.2f}]"
+    return f"{c['mean']:.2f}{interval}"
+
+
+def summary_rows(metrics: dict) -> list[list[str]]:
+    rows = []
+    for column, m in ordered(metrics):
+        rows.append([column, fmt_ci(m["accuracy"]), str(m["n"]), str(m["errors"]), _fmt(m["ttft_ms"], ".1f"),
+                     _fmt(m["prepare_s"], ".3f"), _fmt(m["decode_tokens_per_s"], ".1f"),
+                     _fmt(m["peak_memory_bytes"] and m["peak_memory_bytes"] / 2**20, ".1f"),
+                     _fmt(m["state_bytes"] and m["state_bytes"] / 1024, ".1f"),
+                     _fmt(m["compression_ratio"], ".1f"), _fmt(m["prompt_tokens"], ".0f")])
+    return rows
+
+
+def _md_table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _breakdown(metrics: dict, key: str, labels: list[str]) -> list[list[str]]:
+    rows = []
+    for column, m in ordered(metrics):
+        cells = [column]
+        for label in labels:
+            c = m[key].get(label)
+            cells.append("-" if c is None else f"{fmt_ci(c)} (n={c['n']})")
+        rows.append(cells)
+    return rows
+
+
+def render_markdown(metrics: dict, criteria: list | None = None) -> str:
+    tasks = sorted({t for m in metrics["methods"].values() for t in m["tasks"]})
+    buckets = [b for b in metrics["buckets"] if any(b in m["buckets"] for m in metrics["methods"].values())]
+    parts = [
+        "# gistctl bench", "",
+        f"Data: `{metrics.get('data')}` ({metrics['n_examples']} examples) · model: `{metrics.get('model')}` · "
+        f"device: {metrics.get('device')}", "",
+        "## Summary", "", _md_table(SUMMARY_HEADERS, summary_rows(metrics)), "",
+        "Accuracy is the mean primary score (see `gistctl/bench/metrics.py`) with a 95% CI; a row that failed "
+        "(e.g. a document longer than the model's window for full context) scores 0 and counts under errors. "
+        "TTFT is question time only. Peak memory is CUDA max allocated, or on CPU the peak RSS of the column's "
+        "own worker process (model weights included). Compression = full KV cache of the document at fp16 / "
+        "state bytes (gist: blob size on disk; rag: index + chunk text; full: its KV cache at the model's "
+        "dtype, so fp32 on CPU gives 0.5x).", "",
+        "## Accuracy per task", "", _md_table(["method", *tasks], _breakdown(metrics, "tasks", tasks)), "",
+        "## Accuracy per context length (meta.context_tokens)", "",
+        _md_table(["method", *buckets], _breakdown(metrics, "buckets", buckets)), "",
+    ]
+    if criteria:
+        parts += ["## Seed protocol criteria", "",
+                  _md_table(["criterion", "target", "measured", "result"],
+                            [[c.name, c.target, c.measured, c.verdict] for c in criteria]), ""]
+    parts += ["## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [""]
+    return "\n".join(parts)
+
+
+# -- plots ----------------------------------------------------------------------------------------------------
+
+def _save(fig, run: RunDir, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(run.file(name), buffer.getvalue())
+
+
+def write_plots(run: RunDir, metrics: dict) -> list[str]:
+    """The four PNGs in PLOTS; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = metrics["methods"]
+    columns = [column for column, _ in ordered(metrics)]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gist = [(m["compression_ratio"], m["accuracy"], c) for c, m in ordered(metrics)
+            if m["kind"] == "gist" and m["compression_ratio"] and m["accuracy"]["mean"] is not None]
+    gist.sort(key=lambda point: point[0])
+    if gist:
+        ax.plot([p[0] for p in gist], [p[1]["mean"] for p in gist], "-o", color="C0", label="gist")
+        for x, acc, column in gist:
+            ax.annotate(column, (x, acc["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for kind, marker, colour in (("rag", "s", "C1"), ("full", "D", "C2")):
+        for column, m in ordered(metrics):
+            if m["kind"] == kind and m["compression_ratio"] and m["accuracy"]["mean"] is not None:
+                ax.plot([m["compression_ratio"]], [m["accuracy"]["mean"]], marker, color=colour, label=column)
+    for column, m in ordered(metrics):
+        a = m["accuracy"]
+        if m["compression_ratio"] and a["low"] is not None:
+            ax.errorbar([m["compression_ratio"]], [a["mean"]], yerr=[[max(0.0, a["mean"] - a["low"])], [max(0.0, a["high"] - a["mean"])]],
+                        color="grey", alpha=0.5, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (full fp16 KV bytes / state bytes)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Accuracy vs compression")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, run, "accuracy_vs_compression.png")
+
+    for name, key, scale, label in (("ttft.png", "ttft_ms", 1.0, "mean TTFT (ms)"),
+                                    ("peak_memory.png", "peak_memory_bytes", 2**20, "peak memory (MiB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        values = [(methods[c][key] or 0) / scale for c in columns]
+        bars = ax.bar(range(len(columns)), values, color=[f"C{i}" for i in range(len(columns))])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(label + " per method")
+        fig.tight_layout()
+        _save(fig, run, name)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    buckets = [b for b in metrics["buckets"] if any(b in m["buckets"] for m in methods.values())]
+    width = 0.8 / max(1, len(columns))
+    for i, column in enumerate(columns):
+        values = [(methods[column]["buckets"].get(b) or {}).get("mean") or 0.0 for b in buckets]
+        ax.bar([j + i * width for j in range(len(buckets))], values, width, label=column)
+    ax.set_xticks([j + width * (len(columns) - 1) / 2 for j in range(len(buckets))], buckets)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Accuracy per context length")
+    if columns and buckets:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, run, "accuracy_by_length.png")
+    return list(PLOTS)
+
+
+def write_outputs(run: RunDir, metrics: dict, criteria: list | None = None) -> None:
+    """metrics.json (with the criteria when given), report.md and the plots."""
+    if criteria:
+        metrics = {**metrics, "criteria": [c.as_dict() for c in criteria]}
+    run.write_json("metrics.json", metrics)
+    write_plots(run, metrics)
+    run.write_text("report.md", render_markdown(metrics, criteria))

@@ -1,0 +1,239 @@
+"""The bench runner: method columns x examples, one fresh worker process per column, resumable.
+
+A *column* is one method as configured: `full`, `rag`, or one gist adapter (`gist[default]`, `gist[K=25]`,
+`gist[none,K=4]`), so several adapters give the accuracy-vs-compression curve from one run. Each column runs
+in its own `python -m gistctl.bench.worker` process, so the process peak RSS it reports on CPU is its own.
+Rows go to `<run>/predictions.jsonl` (one per column x example, appended and flushed by the worker);
+a row already there (same `method` and `id`) is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from gistctl import errors
+from gistctl.errors import ConfigError, DataError, GistctlError
+from gistctl.runs import RunDir, atomic_write_text
+
+METHOD_KINDS = ("gist", "rag", "full")
+PREDICTIONS = "predictions.jsonl"
+EVENT_PREFIX = "@@gistctl-bench "  # worker stdout lines carrying a JSON event; anything else is library noise
+
+
+class BenchWorkerError(GistctlError):
+    """A worker process died without a user error to report (its log says why)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One bench column. adapter: gist only; a directory, a shipped name, "none" (untrained) or None (default)."""
+
+    column: str
+    kind: str
+    adapter: str | None = None
+    num_gist: int | None = None
+
+    @property
+    def slug(self) -> str:
+        """The column as a file name: `gist[K=8]` -> `gist_K=8`."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.column).strip("_")
+
+
+@dataclass
+class BenchSettings:
+    data: str  # JSONL dataset the workers read
+    model: str | None = None
+    device: str | None = None
+    max_new_tokens: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Progress:
+    """What the runner reports after each row (and once per column at start): counts and running accuracy."""
+
+    column: str
+    done: int
+    total: int
+    accuracy: float | None  # mean primary score over this column's selected rows so far
+    errors: int
+    event: str  # "start", "loading", "row" or "end"
+
+
+def _split(spec: str | None) -> list[str]:
+    return [part.strip() for part in (spec or "").split(",") if part.strip()]
+
+
+def parse_gist_sizes(spec: str | None) -> list[int]:
+    sizes = []
+    for part in _split(spec):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"bad gist size '{part}' in --gist-sizes; use positive integers like 10,25,50")
+        sizes.append(int(part))
+    return sizes
+
+
+def shipped_size_adapter(k: int) -> str:
+    """The shipped adapter that `--gist-sizes k` means: `gistctl/adapters/gist_<k>/`."""
+    from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS
+
+    path = SHIPPED_ADAPTERS / f"gist_{k}"
+    if not (path / GIST_META).is_file():
+        raise errors.ModelLoadError(
+            f"no shipped adapter for --gist-sizes {k} ({path} is missing); train one with `gistctl train` and "
+            f"pass --adapter DIR, or use --adapter none --gist-sizes {k} for untrained gist tokens")
+    return str(path)
+
+
+def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None) -> list[MethodSpec]:
+    """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
+    missing one fails before any model loads."""
+    from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
+
+    kinds = list(dict.fromkeys(_split(methods)))
+    if not kinds:
+        raise ConfigError("--methods is empty; choose from " + ", ".join(METHOD_KINDS))
+    unknown = [k for k in kinds if k not in METHOD_KINDS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHOD_KINDS)}")
+    specs: list[MethodSpec] = []
+    adapter_list, sizes = _split(adapters), parse_gist_sizes(gist_sizes)
+    if "gist" in kinds:
+        if NO_ADAPTER in adapter_list:
+            if len(adapter_list) > 1:
+                raise ConfigError("--adapter none cannot be mixed with adapter directories; run them separately")
+            if not sizes:
+                raise ConfigError("--adapter none needs --gist-sizes K (how many untrained gist tokens to use)")
+            specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k) for k in sizes]
+        elif sizes:
+            if adapter_list:
+                raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
+            specs += [MethodSpec(f"gist[K={k}]", "gist", shipped_size_adapter(k)) for k in sizes]
+        else:
+            for spec in adapter_list or [None]:
+                path = resolve_adapter(spec)  # raises a clear error when missing
+                name = "default" if spec is None else Path(path).name
+                column = f"gist[{name}]"
+                if any(s.column == column for s in specs):
+                    column = f"gist[{spec}]"
+                specs.append(MethodSpec(column, "gist", spec))
+    specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
+    return specs
+
+
+def select_examples(records: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """All records, or `limit` of them drawn with `seed` (file order kept), so a resume selects the same ones."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    if limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    keep = set(random.Random(seed).sample(range(len(records)), limit))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def load_predictions(path: str | Path) -> list[dict]:
+    """Rows of predictions.jsonl. A last line cut short by a crash is dropped (and the file rewritten without
+    it); a bad line anywhere else is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                break
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); remove the line or use a new --run-dir") from err
+    return rows
+
+
+def _running_accuracy(rows: list[dict]) -> float | None:
+    return sum(r["primary"] for r in rows) / len(rows) if rows else None
+
+
+def _raise_worker_error(event: dict) -> None:
+    cls = getattr(errors, event.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, GistctlError)):
+        cls = BenchWorkerError
+    raise cls(event.get("message", "the worker failed"))
+
+
+def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list[str],
+               on_row: Callable[[dict], None]) -> None:
+    """Run one column's pending examples in a fresh `python -m gistctl.bench.worker` process."""
+    job = {"spec": asdict(spec), "settings": asdict(settings), "ids": ids,
+           "predictions": str(run.file(PREDICTIONS)), "blob_dir": str(run.file("blobs") / spec.slug),
+           "rag_index_dir": str(run.file("rag-index")), "run_dir": str(run.path)}
+    job_path = run.write_json(f"workers/{spec.slug}.json", job)
+    log_path = run.file(f"workers/{spec.slug}.log")
+    user_error = None
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gistctl.bench.worker", str(job_path)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith(EVENT_PREFIX):
+                log.write(line)
+                continue
+            event = json.loads(line[len(EVENT_PREFIX):])
+            if event["event"] == "error":
+                user_error = event
+            else:
+                on_row(event)
+        rc = proc.wait()
+    if user_error is not None:
+        _raise_worker_error(user_error)
+    if rc != 0:
+        tail = " | ".join(log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])
+        raise BenchWorkerError(f"the {spec.column} worker exited with code {rc}; see {log_path}: {tail}")
+
+
+def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settings: BenchSettings,
+              on_progress: Callable[[Progress], None] | None = None) -> list[dict]:
+    """Every column x example not yet in predictions.jsonl; returns the rows of these columns and examples."""
+    notify = on_progress or (lambda _: None)
+    ids = [e["id"] for e in examples]
+    wanted = set(ids)
+    existing = load_predictions(run.file(PREDICTIONS))
+    for spec in specs:
+        mine = {r["id"]: r for r in existing if r.get("method") == spec.column and r.get("id") in wanted}
+        pending = [i for i in ids if i not in mine]
+        rows = list(mine.values())
+
+        def report(event: str) -> None:
+            notify(Progress(spec.column, len(rows), len(ids), _running_accuracy(rows),
+                            sum(1 for r in rows if r.get("error")), event))
+
+        report("start")
+        if pending:
+            report("loading")
+
+            def on_row(event: dict) -> None:
+                if event["event"] == "row":
+                    rows.append(event["row"])
+                    report("row")
+
+            run_worker(run, spec, settings, pending, on_row)
+        report("end")
+    columns = {s.column for s in specs}
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for row in load_predictions(run.file(PREDICTIONS)):
+        key = (row.get("method"), row.get("id"))
+        if key[0] in columns and key[1] in wanted and key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out

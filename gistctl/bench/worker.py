@@ -1,0 +1,170 @@
+"""One bench column in its own process: `python -m gistctl.bench.worker JOB.json`.
+
+Loads the column's method once, then for each example id: prepare (timed), answer the question, score,
+and append one row to predictions.jsonl (flushed and fsynced, so a crash loses at most the row in flight).
+Its own process, so on CPU `peak_memory_bytes` (ru_maxrss) is this column's alone; on CUDA the peak
+counter is reset before prepare and again before answer.
+Events go to stdout as `@@gistctl-bench {json}` lines; a user error is one `error` event and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gistctl.bench.metrics import score
+from gistctl.bench.runner import EVENT_PREFIX, MethodSpec
+from gistctl.data.schema import read_jsonl
+from gistctl.errors import GistctlError
+from gistctl.kv.sizes import kv_cache_bytes
+from gistctl.methods.base import peak_memory_bytes
+from gistctl.runs import utc_now
+
+REFERENCE_KV_BYTES_PER_VALUE = 2  # the full-KV reference of the compression ratio is fp16 (the blobs' default)
+
+
+def emit(event: dict) -> None:
+    print(EVENT_PREFIX + json.dumps(event, ensure_ascii=False), flush=True)
+
+
+def open_method(spec: MethodSpec, job: dict):
+    """(method, loaded model) for the column; blobs go to the job's blob_dir, RAG tables to rag_index_dir."""
+    from gistctl.engine import open_gist_model, open_text_method
+    from gistctl.methods.gist import Gist
+
+    settings = job["settings"]
+    if spec.kind == "gist":
+        gm = open_gist_model(settings["model"], spec.adapter, num_gist=spec.num_gist, device=settings["device"])
+        Path(job["blob_dir"]).mkdir(parents=True, exist_ok=True)
+        return Gist(gm, blob_dir=job["blob_dir"], max_new_tokens=settings["max_new_tokens"]), gm.loaded
+    method = open_text_method(spec.kind, model=settings["model"], device=settings["device"],
+                              rag={"index_dir": job["rag_index_dir"]} if spec.kind == "rag" else None,
+                              max_new_tokens=settings["max_new_tokens"])
+    return method, method.loaded
+
+
+def scoring_meta(record: dict) -> tuple[list[str], dict]:
+    """(answers, meta) for `score`. The aggregate builder writes meta.question_type (list/count/total) and a
+    list answer as one "a, b, c" string, while `score` wants meta.kind and the items as separate answers."""
+    answers, meta = record["answers"], record["meta"]
+    if record["task"] == "aggregate" and "kind" not in meta and "question_type" in meta:
+        kind = "list" if meta["question_type"] == "list" else "count"
+        if kind == "list":
+            answers = [item.strip() for answer in answers for item in answer.split(",") if item.strip()]
+        meta = {**meta, "kind": kind}
+    return answers, meta
+
+
+def document_tokens(state, loaded, document: str) -> int:
+    """The document's length in the model's tokens, from the state when it records it (the blob's meta)."""
+    if hasattr(state, "blob"):
+        return int(state.blob.meta.document_tokens)
+    if hasattr(state, "document_tokens"):
+        return int(state.document_tokens)
+    if hasattr(state, "document_ids"):
+        return len(state.document_ids)
+    from gistctl import prompt
+
+    return len(prompt.context_ids(loaded.tokenizer, document))
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _file_name(example_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", example_id)
+
+
+def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> dict:
+    """One prediction row; a user error in prepare or answer (document too long for full context, ...) is
+    recorded in `error` with `primary` 0.0 instead of stopping the bench."""
+    row = {"method": spec.column, "kind": spec.kind, "adapter": spec.adapter, "num_gist": spec.num_gist,
+           "id": record["id"], "task": record["task"], "question": record["question"], "answers": record["answers"],
+           "context_tokens": record["meta"].get("context_tokens"), "document_tokens": None,
+           "prediction": None, "scores": None, "primary": 0.0, "error": None, "error_stage": None,
+           "prepare_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,
+           "peak_memory_bytes": None, "prepare_peak_memory_bytes": None, "state_bytes": None,
+           "full_kv_bytes": None, "compression_ratio": None, "blob": None, "warnings": None,
+           "device": str(loaded.device), "created_at": utc_now()}
+    device = loaded.device
+    _reset_peak(device)
+    start = time.perf_counter()
+    try:
+        state = method.prepare(record["context"])
+    except (GistctlError, torch.cuda.OutOfMemoryError) as err:
+        row.update(error=str(err).splitlines()[0] if str(err) else type(err).__name__, error_stage="prepare")
+        return row
+    row["prepare_s"] = time.perf_counter() - start
+    row["prepare_peak_memory_bytes"] = peak_memory_bytes(device)
+    if spec.kind == "gist":  # one blob per example, named by its id, so the run dir maps rows to files
+        target = Path(job["blob_dir"]) / f"{_file_name(record['id'])}.kv"
+        os.replace(state.path, target)
+        state.path = target
+        row["blob"] = os.path.relpath(target, job["run_dir"])
+    tokens = document_tokens(state, loaded, record["context"])
+    row["document_tokens"] = tokens
+    if row["context_tokens"] is None:
+        row["context_tokens"] = tokens
+    row["state_bytes"] = int(method.state_bytes(state))
+    row["full_kv_bytes"] = kv_cache_bytes(loaded.model.config, tokens, REFERENCE_KV_BYTES_PER_VALUE)
+    row["compression_ratio"] = row["full_kv_bytes"] / row["state_bytes"] if row["state_bytes"] else None
+    _reset_peak(device)
+    try:
+        answer = method.answer(state, record["question"])
+    except (GistctlError, torch.cuda.OutOfMemoryError) as err:
+        row.update(error=str(err).splitlines()[0] if str(err) else type(err).__name__, error_stage="answer")
+        return row
+    finally:
+        row["warnings"] = getattr(method, "warnings", None)
+        method.warnings = None
+    answers, meta = scoring_meta(record)
+    scores = score(record["task"], answer.text, answers, meta)
+    row.update(prediction=answer.text, scores=scores, primary=scores["primary"], ttft_ms=answer.ttft_ms,
+               decode_tokens_per_s=answer.decode_tokens_per_s, prompt_tokens=answer.prompt_tokens,
+               peak_memory_bytes=answer.peak_memory_bytes)
+    return row
+
+
+def run_job(job: dict) -> None:
+    spec = MethodSpec(**job["spec"])
+    torch.manual_seed(job["settings"]["seed"])
+    records = {r["id"]: r for r in read_jsonl(job["settings"]["data"])}
+    missing = [i for i in job["ids"] if i not in records]
+    if missing:
+        from gistctl.errors import DataError
+
+        raise DataError(f"example id {missing[0]!r} is not in {job['settings']['data']}")
+    method, loaded = open_method(spec, job)
+    with open(job["predictions"], "a", encoding="utf-8") as out:
+        for example_id in job["ids"]:
+            row = run_example(method, loaded, spec, records[example_id], job)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            emit({"event": "row", "row": row})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m gistctl.bench.worker JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    try:
+        run_job(job)
+    except GistctlError as err:
+        emit({"event": "error", "type": type(err).__name__, "message": str(err)})
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

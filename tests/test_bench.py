@@ -1,0 +1,220 @@
+"""`gistctl bench` on the tiny model: files and counts, resume, plots, blob-derived sizes, criteria, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gistctl.bench.protocol import seed_criteria
+from gistctl.bench.report import PLOTS, write_plots
+from gistctl.bench.runner import parse_methods
+from gistctl.cli.main import app
+from gistctl.data.schema import write_jsonl
+from gistctl.kv.blob import read_blob_meta
+from gistctl.kv.sizes import kv_cache_bytes
+from gistctl.runs import RunDir
+
+runner = CliRunner()
+GIST = "gist[none,K=2]"
+
+DOCS = [
+    ("The lighthouse keeper is Ada Lindqvist. The supply boat is the Saint Brendan. " * 3, "Who keeps the light?",
+     ["Ada Lindqvist"], "facts"),
+    ("Marrow Island lies eleven miles off the coast. The passkey is 7K2P9A. The gulls nest there. " * 2,
+     "What is the passkey?", ["7K2P9A"], "passkey"),
+    ("The radio call sign is MRW-7. The island has one well and a small harbour. " * 4, "What is the call sign?",
+     ["MRW-7"], "niah"),
+]
+
+
+def write_data(path: Path, n: int = 3) -> Path:
+    records = [{"id": f"ex-{i}", "task": task, "context": context, "question": question, "answers": answers,
+                "meta": {"context_tokens": 500 + 1000 * i}}
+               for i, (context, question, answers, task) in enumerate(DOCS[:n])]
+    write_jsonl(path, records)
+    return path
+
+
+def bench_args(model_dir, data, run_dir, *extra):
+    return ["bench", "--methods", "gist,full", "--adapter", "none", "--gist-sizes", "2", "--model", str(model_dir),
+            "--device", "cpu", "--max-new-tokens", "3", "--data", str(data), "--run-dir", str(run_dir), *extra]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model_dir, tmp_path_factory):
+    """One bench run of 2 of the 3 examples, then resumed on all 3 (so each column's worker runs twice)."""
+    root = tmp_path_factory.mktemp("bench")
+    data = write_data(root / "set.jsonl")
+    run_dir = root / "run"
+    first = runner.invoke(app, bench_args(tiny_model_dir, data, run_dir, "--limit", "2"))
+    assert first.exit_code == 0, first.output
+    first_rows = read_rows(run_dir)
+    second = runner.invoke(app, bench_args(tiny_model_dir, data, run_dir))
+    assert second.exit_code == 0, second.output
+    return {"run_dir": run_dir, "data": data, "first_rows": first_rows, "output": second.output}
+
+
+def test_run_writes_documented_files_with_consistent_counts(bench_run):
+    run_dir = bench_run["run_dir"]
+    for name in ("predictions.jsonl", "metrics.json", "report.md", "config.yaml", "meta.json", *PLOTS):
+        assert (run_dir / name).is_file(), name
+    rows = read_rows(run_dir)
+    assert len(rows) == 6
+    assert {(r["method"], r["id"]) for r in rows} == {(m, f"ex-{i}") for m in (GIST, "full") for i in range(3)}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["columns"] == [GIST, "full"] and set(metrics["methods"]) == {GIST, "full"}
+    assert metrics["n_examples"] == 3
+    for column, m in metrics["methods"].items():
+        mine = [r for r in rows if r["method"] == column]
+        assert m["n"] == m["accuracy"]["n"] == 3
+        assert m["errors"] == sum(1 for r in mine if r["error"]) == 0
+        assert m["accuracy"]["mean"] == pytest.approx(sum(r["primary"] for r in mine) / 3)
+        assert sum(t["n"] for t in m["tasks"].values()) == 3
+        assert set(m["tasks"]) == {"facts", "passkey", "niah"}
+        assert {k: v["n"] for k, v in m["buckets"].items()} == {"<1k": 1, "1k-2k": 1, "2k-4k": 1}
+        assert m["ttft_ms"] > 0 and m["prepare_s"] > 0 and m["peak_memory_bytes"] > 0 and m["prompt_tokens"] > 0
+        for row in mine:
+            assert isinstance(row["prediction"], str) and row["scores"]["primary"] == row["primary"]
+            assert row["ttft_ms"] > 0 and row["prepare_s"] > 0
+    gist_rows = [r for r in rows if r["method"] == GIST]
+    full_rows = [r for r in rows if r["method"] == "full"]
+    # gist answers from a few gists, full re-reads the document: fewer prompt tokens at question time
+    assert all(g["prompt_tokens"] < f["prompt_tokens"] for g, f in zip(gist_rows, full_rows))
+    report = (run_dir / "report.md").read_text()
+    assert GIST in report and "| full |" in report
+    assert GIST in bench_run["output"] and "compression" in bench_run["output"]
+
+
+def test_resume_runs_only_missing_rows(bench_run, tiny_model_dir):
+    first, rows = bench_run["first_rows"], read_rows(bench_run["run_dir"])
+    assert len(first) == 4
+    assert rows[:4] == first  # kept, not redone
+    again = runner.invoke(app, bench_args(tiny_model_dir, bench_run["data"], bench_run["run_dir"]))
+    assert again.exit_code == 0, again.output
+    assert read_rows(bench_run["run_dir"]) == rows  # nothing pending: no worker, no new rows
+
+
+def test_resume_refuses_other_settings(bench_run, tiny_model_dir):
+    args = bench_args(tiny_model_dir, bench_run["data"], bench_run["run_dir"])
+    args[args.index("--max-new-tokens") + 1] = "5"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "max_new_tokens" in result.output
+
+
+def test_blob_sizes_and_compression_match_the_report(bench_run, tiny_model_dir):
+    from transformers import AutoConfig
+
+    run_dir = bench_run["run_dir"]
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    rows = [r for r in read_rows(run_dir) if r["method"] == GIST]
+    sizes, ratios = [], []
+    for row in rows:
+        blob = run_dir / row["blob"]
+        assert blob.parent == run_dir / "blobs" / "gist_none_K=2"
+        meta = read_blob_meta(blob)
+        size = blob.stat().st_size
+        ratio = kv_cache_bytes(config, meta.document_tokens, 2) / size
+        assert row["state_bytes"] == size and row["compression_ratio"] == pytest.approx(ratio)
+        assert meta.num_gist == 2 and row["document_tokens"] == meta.document_tokens
+        sizes.append(size)
+        ratios.append(ratio)
+    m = json.loads((run_dir / "metrics.json").read_text())["methods"][GIST]
+    assert m["state_bytes"] == pytest.approx(sum(sizes) / 3)
+    assert m["compression_ratio"] == pytest.approx(sum(ratios) / 3)
+    assert m["compression_ratio"] > 1
+
+
+def test_plots_differ_when_data_differ(bench_run, tmp_path):
+    metrics = json.loads((bench_run["run_dir"] / "metrics.json").read_text())
+    for name in PLOTS:
+        assert (bench_run["run_dir"] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    same, other = RunDir(tmp_path / "same"), RunDir(tmp_path / "other")
+    write_plots(same, metrics)
+    changed = json.loads(json.dumps(metrics))
+    for m in changed["methods"].values():
+        m["accuracy"].update(mean=0.5, low=0.1, high=0.9)
+        m["ttft_ms"] *= 3
+        m["peak_memory_bytes"] //= 2
+        m["compression_ratio"] *= 2
+        for bucket in m["buckets"].values():
+            bucket["mean"] = 0.5
+    write_plots(other, changed)
+    for name in PLOTS:
+        assert (same.file(name)).read_bytes() == (bench_run["run_dir"] / name).read_bytes(), name  # deterministic
+        assert (other.file(name)).read_bytes() != (same.file(name)).read_bytes(), name
+
+
+def _methods(gist_ttft=50.0, rag_ttft=100.0, gist_mem=100, rag_mem=200, passkey=0.7, gist_agg=0.6, rag_agg=0.4):
+    def task(mean):
+        return {"mean": mean, "low": None, "high": None, "n": 10}
+
+    return {"gist[K=8]": {"ttft_ms": gist_ttft, "peak_memory_bytes": gist_mem,
+                          "tasks": {"passkey": task(passkey), "aggregate": task(gist_agg)}},
+            "rag": {"ttft_ms": rag_ttft, "peak_memory_bytes": rag_mem,
+                    "tasks": {"passkey": task(1.0), "aggregate": task(rag_agg)}}}
+
+
+def test_seed_criteria_pass_and_fail_on_hand_made_numbers():
+    verdicts = lambda methods: [c.passed for c in seed_criteria(methods, "gist[K=8]")]  # noqa: E731
+    assert verdicts(_methods()) == [True, True, True, True]  # thresholds met exactly count as a pass
+    assert verdicts(_methods(gist_mem=201)) == [False, True, True, True]
+    assert verdicts(_methods(gist_ttft=71.0)) == [True, False, True, True]  # 29% faster is not enough
+    assert verdicts(_methods(gist_ttft=70.0)) == [True, True, True, True]
+    assert verdicts(_methods(passkey=0.69)) == [True, True, False, True]
+    assert verdicts(_methods(gist_agg=0.59)) == [True, True, True, False]
+    assert verdicts(_methods(gist_agg=0.3, rag_agg=0.4)) == [True, True, True, False]
+    missing = _methods()
+    del missing["rag"]
+    assert verdicts(missing) == [None, None, True, None]
+    assert [c.verdict for c in seed_criteria(_methods(passkey=0.1), "gist[K=8]")] == ["PASS", "PASS", "FAIL", "PASS"]
+
+
+def test_method_columns():
+    assert [s.column for s in parse_methods("gist,rag,full", "none", "2,4")] == \
+        ["gist[none,K=2]", "gist[none,K=4]", "rag", "full"]
+    assert [s.num_gist for s in parse_methods("gist", "none", "2,4")] == [2, 4]
+    assert [s.column for s in parse_methods("full", None, None)] == ["full"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing.jsonl", "--methods", "full"], "does not exist"),
+    (["--data", "{data}", "--methods", "gist,nope"], "unknown method 'nope'"),
+    (["--data", "{data}", "--methods", "gist", "--adapter", "{tmp}/no-adapter"], "does not exist"),
+    (["--data", "{data}", "--methods", "gist", "--gist-sizes", "7"], "gist_7"),
+    (["--data", "{data}", "--methods", "gist", "--adapter", "none"], "--gist-sizes"),
+    (["--methods", "full"], "--data"),
+    (["--protocol", "other"], "unknown protocol"),
+])
+def test_user_errors_exit_2(tmp_path, args, message):
+    data = write_data(tmp_path / "set.jsonl", 1)
+    args = [a.format(tmp=tmp_path, data=data) for a in args]
+    result = runner.invoke(app, ["bench", *args, "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_worker_user_error_is_one_line_exit_2(tmp_path):
+    data = write_data(tmp_path / "set.jsonl", 1)
+    result = runner.invoke(app, ["bench", "--methods", "full", "--model", str(tmp_path / "no-model"), "--device",
+                                 "cpu", "--data", str(data), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "no-model" in result.output and "Traceback" not in result.output
+
+
+def test_document_too_long_for_full_is_a_failed_row_not_a_crash(tiny_model_dir, tmp_path):
+    long = "The passkey is 7K2P9A. " + "Gulls wheel over the grey harbour wall at dusk. " * 200
+    write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "task": "passkey", "context": long,
+                                            "question": "What is the passkey?", "answers": ["7K2P9A"],
+                                            "meta": {"context_tokens": 9000}}])
+    result = runner.invoke(app, ["bench", "--methods", "full", "--model", str(tiny_model_dir), "--device", "cpu",
+                                 "--data", str(tmp_path / "long.jsonl"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    (row,) = read_rows(tmp_path / "run")
+    assert row["error_stage"] == "answer" and "window" in row["error"] and row["primary"] == 0.0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]["full"]
+    assert m["errors"] == 1 and m["accuracy"]["mean"] == 0.0 and m["buckets"][">=8k"]["n"] == 1
