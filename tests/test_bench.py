@@ -87,7 +87,7 @@ def test_run_writes_documented_files_with_consistent_counts(bench_run):
     assert all(g["prompt_tokens"] < f["prompt_tokens"] for g, f in zip(gist_rows, full_rows))
     report = (run_dir / "report.md").read_text()
     assert GIST in report and "| full |" in report
-    assert GIST in bench_run["output"] and "compression" in bench_run["output"]
+    assert GIST in bench_run["output"] and "ratio" in bench_run["output"]
 
 
 def test_resume_runs_only_missing_rows(bench_run, tiny_model_dir):
@@ -218,3 +218,15 @@ def test_document_too_long_for_full_is_a_failed_row_not_a_crash(tiny_model_dir, 
     assert row["error_stage"] == "answer" and "window" in row["error"] and row["primary"] == 0.0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]["full"]
     assert m["errors"] == 1 and m["accuracy"]["mean"] == 0.0 and m["buckets"][">=8k"]["n"] == 1
+
+
+def test_a_row_cut_short_by_a_crash_is_dropped(tmp_path):
+    from gistctl.bench.runner import load_predictions
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"method": "full", "id": "a"}\n{"method": "full", "id": "b"}\n{"method": "fu')
+    assert [r["id"] for r in load_predictions(path)] == ["a", "b"]
+    assert path.read_text().count("\n") == 2 and path.read_text().endswith("}\n")
+    path.write_text('{"method": "fu\n{"method": "full", "id": "b"}\n')
+    with pytest.raises(Exception, match="predictions.jsonl:1"):
+        load_predictions(path)

@@ -328,3 +328,14 @@ def test_mean_ci95_normal_for_fractions():
     assert mean_ci95([-3.0, 5.0])[1] < -3.0
     # No spread: zero-width interval.
     assert mean_ci95([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_aggregate_records_as_the_builder_writes_them():
+    from gistctl.bench.metrics import score
+
+    listed = {"question_type": "list"}
+    assert score("aggregate", "blue, green and red", ["blue, red"], listed)["primary"] == 1.0
+    assert score("aggregate", "blue", ["blue, red"], listed)["primary"] == 0.5
+    for kind in ("count", "total"):
+        assert score("aggregate", "There are 4.", ["4"], {"question_type": kind})["primary"] == 1.0
+        assert score("aggregate", "There are 5.", ["4"], {"question_type": kind})["primary"] == 0.0

@@ -217,7 +217,7 @@ def score(task: str, prediction: str, answers: list[str], meta: dict | None = No
     elif task == "qa":
         scores["primary"] = scores["f1"]
     elif task == "aggregate":
-        kind = (meta or {}).get("kind")
+        kind, answers = _aggregate_kind(answers, meta or {})
         if kind == "list":
             scores["list_recall"] = list_recall(prediction, answers)
             scores["primary"] = scores["list_recall"]
@@ -229,6 +229,15 @@ def score(task: str, prediction: str, answers: list[str], meta: dict | None = No
     else:
         raise DataError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return scores
+
+
+def _aggregate_kind(answers: list[str], meta: dict) -> tuple[str | None, list[str]]:
+    """(kind, gold answers) of an aggregate example. The aggregate builder writes `question_type`
+    (list / count / total) and a list answer as one "a, b, c" string; list items are scored one by one."""
+    kind = meta.get("kind") or {"list": "list", "count": "count", "total": "count"}.get(meta.get("question_type"))
+    if kind == "list":
+        answers = [item.strip() for answer in answers for item in answer.split(",") if item.strip()]
+    return kind, answers
 
 
 _Z95 = 1.959963984540054

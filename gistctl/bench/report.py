@@ -92,8 +92,8 @@ def ordered(metrics: dict) -> list[tuple[str, dict]]:
 
 # -- formatting, shared by report.md and the terminal table ---------------------------------------------------
 
-SUMMARY_HEADERS = ("method", "accuracy (95% CI)", "n", "errors", "TTFT ms", "prepare s", "decode tok/s",
-                   "peak mem MiB", "state KiB", "compression x", "prompt tokens")
+SUMMARY_HEADERS = ("method", "accuracy (95% CI)", "n", "errors", "TTFT ms", "prep s", "decode tok/s",
+                   "peak mem MiB", "state KiB", "ratio x", "prompt tokens")
 
 
 def _fmt(value, spec: str) -> str:
@@ -146,7 +146,7 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
         "Accuracy is the mean primary score (see `gistctl/bench/metrics.py`) with a 95% CI; a row that failed "
         "(e.g. a document longer than the model's window for full context) scores 0 and counts under errors. "
         "TTFT is question time only. Peak memory is CUDA max allocated, or on CPU the peak RSS of the column's "
-        "own worker process (model weights included). Compression = full KV cache of the document at fp16 / "
+        "own worker process (model weights included). Ratio x (compression) = full KV cache of the document at fp16 / "
         "state bytes (gist: blob size on disk; rag: index + chunk text; full: its KV cache at the model's "
         "dtype, so fp32 on CPU gives 0.5x).", "",
         "## Accuracy per task", "", _md_table(["method", *tasks], _breakdown(metrics, "tasks", tasks)), "",

@@ -49,18 +49,6 @@ def open_method(spec: MethodSpec, job: dict):
     return method, method.loaded
 
 
-def scoring_meta(record: dict) -> tuple[list[str], dict]:
-    """(answers, meta) for `score`. The aggregate builder writes meta.question_type (list/count/total) and a
-    list answer as one "a, b, c" string, while `score` wants meta.kind and the items as separate answers."""
-    answers, meta = record["answers"], record["meta"]
-    if record["task"] == "aggregate" and "kind" not in meta and "question_type" in meta:
-        kind = "list" if meta["question_type"] == "list" else "count"
-        if kind == "list":
-            answers = [item.strip() for answer in answers for item in answer.split(",") if item.strip()]
-        meta = {**meta, "kind": kind}
-    return answers, meta
-
-
 def document_tokens(state, loaded, document: str) -> int:
     """The document's length in the model's tokens, from the state when it records it (the blob's meta)."""
     if hasattr(state, "blob"):
@@ -125,8 +113,7 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     finally:
         row["warnings"] = getattr(method, "warnings", None)
         method.warnings = None
-    answers, meta = scoring_meta(record)
-    scores = score(record["task"], answer.text, answers, meta)
+    scores = score(record["task"], answer.text, record["answers"], record["meta"])
     row.update(prediction=answer.text, scores=scores, primary=scores["primary"], ttft_ms=answer.ttft_ms,
                decode_tokens_per_s=answer.decode_tokens_per_s, prompt_tokens=answer.prompt_tokens,
                peak_memory_bytes=answer.peak_memory_bytes)

@@ -47,14 +47,18 @@ def _seed_data(run, model: Optional[str], n: int, seed: int) -> Path:
 
 
 def _print_summary(metrics: dict, criteria) -> None:
+    """Two tables (quality, then cost) so each fits an 80-column terminal; report.md has them as one."""
     from gistctl.bench.report import SUMMARY_HEADERS, summary_rows
 
-    table = Table(title=f"gistctl bench · {metrics['n_examples']} examples")
-    for header in SUMMARY_HEADERS:
-        table.add_column(header, justify="left" if header == "method" else "right")
-    for row in summary_rows(metrics):
-        table.add_row(*(escape(cell) for cell in row))
-    console.print(table)
+    rows = summary_rows(metrics)
+    for title, columns in ((f"gistctl bench · {metrics['n_examples']} examples · accuracy", range(0, 4)),
+                           ("cost per method (means; peak memory = max)", [0, *range(4, len(SUMMARY_HEADERS))])):
+        table = Table(title=title)
+        for i in columns:
+            table.add_column(SUMMARY_HEADERS[i], justify="left" if i == 0 else "right", no_wrap=i <= 1)
+        for row in rows:
+            table.add_row(*(escape(row[i]) for i in columns))
+        console.print(table)
     if criteria:
         checks = Table(title="seed protocol criteria")
         for header in ("criterion", "target", "measured", "result"):

@@ -183,7 +183,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     losses: list[float] = []
     sitting_start, tokens_seen = time.perf_counter(), 0
     model.train()
-    step = start_step
+    completed = start_step  # optimizer steps applied so far
+    _sigterm_as_interrupt()
     try:
         for step in range(start_step, end_step):
             step_start = time.perf_counter()
@@ -212,6 +213,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             optimizer.step()
             scheduler.step()
+            completed = step + 1
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             done = step + 1
@@ -241,8 +243,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             if not overfit_steps and (done % cfg.save_every == 0 or done == end_step) and done < cfg.max_steps:
                 save(f"step-{done:06d}", done, with_state=True)
     except KeyboardInterrupt:
-        if step > start_step and not overfit_steps:
-            save(f"step-{step:06d}", step, with_state=True)
+        if completed > start_step and not overfit_steps:
+            save(f"step-{completed:06d}", completed, with_state=True)
         raise
     last = losses[-1] if losses else float("nan")
     if overfit_steps:
@@ -256,6 +258,18 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     if end_step >= cfg.max_steps:
         final_dir = save("final", cfg.max_steps, with_state=False)
     return TrainResult(run_dir, final_dir, end_step, last, losses, best["overall"] if best else None)
+
+
+def _sigterm_as_interrupt() -> None:
+    """`kill` (SIGTERM) saves a checkpoint like Ctrl-C does: background runs are stopped that way."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _restore(checkpoint: Path, raw_model, optimizer, scheduler, data_meta: dict):

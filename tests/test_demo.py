@@ -1,0 +1,38 @@
+"""`gistctl demo`: the sections a user sees (not the numbers)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gistctl.cli.main import app
+
+
+def _check_sections(result, run_dir):
+    assert result.exit_code == 0, result.output
+    for section in ("Document", "tokens", "Answers", "from the blob alone", "full", "rag",
+                    "What each method keeps", "gist KV blob on disk", "x smaller", "mean TTFT"):
+        assert section in result.output, section
+    saved = json.loads((run_dir / "demo.json").read_text())
+    assert set(saved["answers"]) == {"gist", "full", "rag"}
+    assert all(len(v) == len(saved["questions"]) for v in saved["answers"].values())
+    assert (run_dir / "document.kv").is_file()
+
+
+def test_demo_sections_on_the_tiny_model(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Ada keeps the lighthouse. The call sign is MRW-7. " * 5)
+    result = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_dir), "--adapter", "none", "--gist", "2",
+                                      "--document", str(doc), "-q", "Who keeps it?", "--run-dir",
+                                      str(tmp_path / "run")])
+    _check_sections(result, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_demo_on_the_default_model_and_adapter(tmp_path):
+    from gistctl.gist.lora import DEFAULT_ADAPTER, SHIPPED_ADAPTERS
+
+    if not (SHIPPED_ADAPTERS / DEFAULT_ADAPTER).is_dir():
+        pytest.fail("the default adapter is not shipped")
+    result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "run")])
+    _check_sections(result, tmp_path / "run")
