@@ -73,8 +73,13 @@ def train(
             if "warning" in record:
                 progress.console.print(f"[yellow]warning:[/] step {record['step']}: {record['warning']}")
 
-        result = run_training(settings, path, resume=resume, stop_after=stop_after, overfit_steps=overfit_check,
-                              overfit_threshold=overfit_threshold, on_log=on_log)
+        try:
+            result = run_training(settings, path, resume=resume, stop_after=stop_after,
+                                  overfit_steps=overfit_check, overfit_threshold=overfit_threshold, on_log=on_log)
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted; the last complete checkpoint is in {path}; continue with: "
+                              f"gistctl train --run-dir {path} --resume", highlight=False)
+            raise typer.Exit(130)
     if overfit_check:
         console.print(f"overfit check passed: loss {result.losses[0]:.4f} -> {result.last_loss:.4f} "
                       f"in {result.steps} steps")
