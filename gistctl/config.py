@@ -69,6 +69,7 @@ class LoraSettings:
 class TrainSettings:
     data: str | None = None  # training JSONL
     eval: str | None = None  # evaluation JSONL, answered from the compressed KV
+    init_adapter: str | None = None  # start from this adapter's LoRA weights and gist rows (curriculum phases)
     max_steps: int = 300
     lr: float = 5e-4  # LoRA weights
     gist_lr: float = 1e-3  # gist embedding rows
@@ -95,6 +96,9 @@ class TrainSettings:
             value = getattr(self, key)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"train.{key}: file '{value}' does not exist; build one with `gistctl data`")
+        if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"train.init_adapter: '{self.init_adapter}' is not an adapter directory "
+                              "(no adapter_model.safetensors); point it at a checkpoint's final/ or best/")
 
 
 @dataclass

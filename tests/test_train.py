@@ -166,3 +166,23 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_model_dir, data_file, tmp_
     assert steps >= 3
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] in (steps - 1, steps)  # a signal between the update and its log line leaves one unlogged
+
+
+def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_path):
+    first = train(settings(tiny_model_dir, data_file, max_steps=3), tmp_path / "phase1")
+    config = settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12, warmup_steps=0)
+    config.train.init_adapter = str(first.final_dir)
+    second = train(config, tmp_path / "phase2")
+    a = load_file(str(first.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(second.final_dir / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # a ~zero-lr step keeps the phase-1 weights
+    fresh = load_file(str(train(settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12,
+                                         warmup_steps=0), tmp_path / "fresh").final_dir / "adapter_model.safetensors"))
+    assert not all(torch.allclose(a[k], fresh[k], atol=1e-6) for k in a)
+    bad = settings(tiny_model_dir, data_file, max_steps=1)
+    bad.gist.num_tokens = 3
+    bad.train.init_adapter = str(first.final_dir)
+    from gistctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="K=2"):
+        train(bad, tmp_path / "bad")

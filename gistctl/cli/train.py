@@ -28,6 +28,7 @@ def train(
     max_length: int = typer.Option(None, help="Longest example in tokens (only the context is truncated)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk per K gists."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
+    init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="QLoRA: 4-bit base model (CUDA + bitsandbytes)."),
@@ -44,7 +45,7 @@ def train(
     overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "train.data": data,
                  "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr, "train.gist_lr": gist_lr,
                  "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.max_length": max_length,
-                 "train.seed": seed, "model.name": model, "model.device": device,
+                 "train.seed": seed, "train.init_adapter": init_adapter, "model.name": model, "model.device": device,
                  "model.load_in_4bit": load_in_4bit}
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
     if resume:

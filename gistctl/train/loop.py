@@ -130,6 +130,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
 
         loaded.model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
     model = wrap_with_lora(loaded.model, gist_ids, config.lora)
+    if cfg.init_adapter:
+        _load_adapter_weights(model, cfg.init_adapter, len(gist_ids))
     gist_params = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": gist_params, "lr": cfg.gist_lr}],
@@ -270,6 +272,22 @@ def _sigterm_as_interrupt() -> None:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
+
+
+def _load_adapter_weights(peft_model, adapter_dir: str | Path, num_gist: int) -> None:
+    """Start from another run's adapter (same K, same LoRA shapes): a curriculum's next phase."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from gistctl.gist.lora import read_gist_meta
+
+    meta = read_gist_meta(adapter_dir)
+    if meta["num_gist"] != num_gist:
+        raise ConfigError(f"train.init_adapter '{adapter_dir}' has K={meta['num_gist']} gists, this run K={num_gist}")
+    result = set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    if getattr(result, "unexpected_keys", None):
+        raise ConfigError(f"train.init_adapter '{adapter_dir}' does not fit this LoRA config "
+                          f"(unexpected {result.unexpected_keys[:3]})")
 
 
 def _restore(checkpoint: Path, raw_model, optimizer, scheduler, data_meta: dict):
