@@ -19,7 +19,3 @@ class BlobError(GistctlError):
 
 class DataError(GistctlError, ValueError):
     """A dataset or document that cannot be used as given."""
-
-
-class NotImplementedYet(GistctlError):
-    """A command that exists in the CLI but whose engine is not built yet."""

@@ -30,7 +30,3 @@ def user_errors(command: Callable) -> Callable:
             fail(str(err))
 
     return wrapper
-
-
-def not_implemented(command: str) -> NoReturn:
-    fail(f"`gistctl {command}` is not implemented yet")

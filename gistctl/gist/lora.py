@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from gistctl.errors import ModelLoadError
 from gistctl.gist.tokens import add_gist_tokens
 from gistctl.models import LoadedModel
 from gistctl.runs import atomic_write_json
+
+# PEFT calls a transformers property that transformers 5.x deprecates; nothing for our users to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 GIST_META = "gist.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
