@@ -186,3 +186,17 @@ def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_pat
 
     with pytest.raises(ConfigError, match="K=2"):
         train(bad, tmp_path / "bad")
+
+
+def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, tmp_path):
+    from gistctl.gist.lora import adapter_fingerprint, load_gist_model
+    from gistctl.models import load_model
+    from gistctl.train.ship import ship_adapter
+
+    final = train(settings(tiny_model_dir, data_file, max_steps=2), tmp_path / "run").final_dir
+    shipped = ship_adapter(final, "mine", note="test", target_root=tmp_path / "adapters")
+    meta = json.loads((shipped / "meta.json").read_text())
+    assert meta["adapter_fingerprint"] == adapter_fingerprint(shipped) == adapter_fingerprint(final)
+    assert meta["step"] == 2 and meta["recipe"]["gist"]["num_tokens"] == 2 and meta["note"] == "test"
+    assert STATE_FILE not in os.listdir(shipped)
+    load_gist_model(load_model(str(tiny_model_dir), device="cpu"), shipped)  # loads as an adapter

@@ -1,0 +1,71 @@
+"""Ship a trained checkpoint as a named adapter inside the package (`gistctl/adapters/<name>/`).
+
+    python -m gistctl.train.ship runs/default/final default [--note "..."]
+
+Copies the adapter files (not the optimizer state) into a temp directory, writes `meta.json` (recipe =
+the run's resolved config, data fingerprints, step, every evaluation, adapter fingerprint), then swaps it
+into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from gistctl.gist.lora import SHIPPED_ADAPTERS, adapter_fingerprint
+
+FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "tokenizer.json",
+         "tokenizer_config.json", "chat_template.jinja")
+
+
+def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None,
+                 target_root: Path = SHIPPED_ADAPTERS) -> Path:
+    checkpoint = Path(checkpoint)
+    source_meta = json.loads((checkpoint / "meta.json").read_text())
+    target = target_root / name
+    tmp = target_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in FILES:
+        if (checkpoint / file).is_file():
+            shutil.copy2(checkpoint / file, tmp / file)
+    meta = {
+        "name": name,
+        "source": str(checkpoint),
+        "adapter_fingerprint": adapter_fingerprint(tmp),
+        "step": source_meta["step"],
+        "seed": source_meta["seed"],
+        "recipe": yaml.safe_load((checkpoint / "config.yaml").read_text()),
+        "data": source_meta["data"],
+        "evals": [{"step": e["step"], "overall": e["eval"]["overall"], "per_task": e["eval"]["per_task"],
+                   "n": e["eval"]["n"]} for e in source_meta.get("evals", [])],
+        "best_eval": source_meta.get("best_eval"),
+    }
+    if note:
+        meta["note"] = note
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    old = target_root / f".{name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Ship a checkpoint as gistctl/adapters/<name>/.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("name")
+    parser.add_argument("--note")
+    args = parser.parse_args()
+    print(ship_adapter(args.checkpoint, args.name, note=args.note))
+
+
+if __name__ == "__main__":
+    main()
