@@ -45,7 +45,7 @@ def run_demo(document: str | Path = EXAMPLE_DOCUMENT, questions: tuple[str, ...]
     blob_path = Path(out_dir) / "document.kv"
     size = write_blob(blob, blob_path)
     compress_seconds = time.perf_counter() - start
-    loaded = load_model(model if model is not None else _base_of(gm), device=device)
+    loaded = load_model(model if model is not None else gm.loaded.name, device=device)
     runners = {
         "gist": get_method("gist", gist_model=gm, max_new_tokens=max_new_tokens),
         "full": get_method("full", loaded=loaded, max_new_tokens=max_new_tokens, truncate=True),
@@ -61,10 +61,3 @@ def run_demo(document: str | Path = EXAMPLE_DOCUMENT, questions: tuple[str, ...]
         result.answers[name] = [a.text for a in answers]
         result.ttft_ms[name] = [a.ttft_ms for a in answers]
     return result
-
-
-def _base_of(gm) -> str | None:
-    name = gm.loaded.name
-    from gistctl.models import DEFAULT_MODEL
-
-    return None if name == DEFAULT_MODEL else name

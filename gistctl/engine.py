@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gistctl.errors import DataError
 from gistctl.gist.lora import GistModel, load_gist_model, read_gist_meta, resolve_adapter
-from gistctl.models import DEFAULT_MODEL, load_model
+from gistctl.models import load_model
 
 
 def read_document(path: str | Path) -> str:
@@ -30,8 +30,7 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
     if adapter_dir is None and num_gist is None:
         raise DataError("--adapter none needs --gist K (how many untrained gist tokens to use)")
     if model is None and adapter_dir is not None:
-        base = read_gist_meta(adapter_dir).get("base_model")
-        model = None if base in (None, DEFAULT_MODEL) else base
+        model = read_gist_meta(adapter_dir).get("base_model")  # load_model maps the default's name itself
     loaded = load_model(model, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
     gm = load_gist_model(loaded, adapter_dir, num_gist=num_gist, chunk_tokens=chunk_tokens or 1024)
     if chunk_tokens:
@@ -55,7 +54,7 @@ def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter
     from gistctl.methods.gist import Gist, GistState
 
     meta = read_blob_meta(blob_path)
-    if model is None and meta.model_id != DEFAULT_MODEL:
+    if model is None:
         model = meta.model_id
     if adapter is None:
         adapter = meta.adapter or "none"
