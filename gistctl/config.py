@@ -1,12 +1,15 @@
 """Settings as dataclasses; precedence: defaults -> YAML file -> CLI flags.
 
 A YAML file has the sections `model`, `gist`, `lora`, `train`; every key must be a field below.
+An optional `phases` list makes the run a curriculum (see `gistctl.train.curriculum`): each phase names
+a data recipe and the `train` keys it changes.
 Validation happens in `__post_init__` and raises `ConfigError` naming the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,7 @@ class TrainSettings:
     log_every: int = 1
     eval_every: int = 50
     eval_limit: int = 50
+    stop_at_eval: float | None = None  # finish early (final/) once an evaluation scores at least this
     save_every: int = 50
 
     def __post_init__(self):
@@ -92,6 +96,11 @@ class TrainSettings:
             _positive("train", key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
             _positive("train", key, getattr(self, key), allow_zero=True)
+        if self.stop_at_eval is not None:
+            if not 0 < self.stop_at_eval <= 1:
+                raise ConfigError(f"train.stop_at_eval must be in (0, 1], got {self.stop_at_eval!r}")
+            if self.eval is None and self.data is not None:
+                raise ConfigError("train.stop_at_eval needs train.eval (held-out examples to evaluate on)")
         for key in ("data", "eval"):
             value = getattr(self, key)
             if value is not None and not Path(value).is_file():
@@ -101,18 +110,85 @@ class TrainSettings:
                               "(no adapter_model.safetensors); point it at a checkpoint's final/ or best/")
 
 
+PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
+
+
+@dataclass
+class PhaseSettings:
+    """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), and the
+    `train` settings that differ from the config's `train` section (max_steps, max_length, ...)."""
+
+    name: str
+    recipe: str
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not PHASE_NAME.match(self.name):
+            raise ConfigError(f"phases: name {self.name!r} must be lower-case letters, digits, '-' or '_'")
+        if not Path(self.recipe).is_file():
+            raise ConfigError(f"phases.{self.name}.recipe: file '{self.recipe}' does not exist")
+        if not isinstance(self.train, dict):
+            raise ConfigError(f"phases.{self.name}.train must be a mapping of train keys")
+        known = {f.name for f in dataclasses.fields(TrainSettings)} - set(PHASE_FIXED_KEYS)
+        for key in self.train:
+            if key not in known:
+                raise ConfigError(f"unknown key 'phases.{self.name}.train.{key}'; valid keys: {', '.join(sorted(known))}")
+        self.train = {k: _coerce("train", k, v) for k, v in self.train.items()}
+
+
 @dataclass
 class GistctlConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     gist: GistSettings = field(default_factory=GistSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    phases: list[PhaseSettings] = field(default_factory=list)
+
+    def __post_init__(self):
+        names = [phase.name for phase in self.phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"phases: names must be unique, got {names}")
+        if self.phases and self.train.data is not None:
+            raise ConfigError("train.data and phases exclude each other: a curriculum builds each phase's data "
+                              "from its recipe")
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: the sum over phases, or train.max_steps without phases."""
+        if not self.phases:
+            return self.train.max_steps
+        return sum(int(p.train.get("max_steps", self.train.max_steps)) for p in self.phases)
+
+    def phase_config(self, index: int, *, data: str, eval_data: str | None,
+                     init_adapter: str | None) -> "GistctlConfig":
+        """The plain (phase-less) config phase `index` trains with."""
+        phase = self.phases[index]
+        train = {**dataclasses.asdict(self.train), **phase.train, "data": data, "eval": eval_data,
+                 "init_adapter": init_adapter}
+        return GistctlConfig(model=self.model, gist=self.gist, lora=self.lora, train=TrainSettings(**train))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.phases:
+            del out["phases"]  # a plain run's config.yaml stays as before
+        return out
 
 
 _SECTION_CLASSES = {"model": ModelSettings, "gist": GistSettings, "lora": LoraSettings, "train": TrainSettings}
+
+
+def _phases(source: str, value: Any) -> list[PhaseSettings]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"phases in {source} must be a non-empty list of {{name, recipe, train}} mappings")
+    phases = []
+    for index, item in enumerate(value):
+        if isinstance(item, PhaseSettings):
+            phases.append(item)
+            continue
+        if not isinstance(item, dict) or not {"name", "recipe"} <= set(item) <= {"name", "recipe", "train"}:
+            raise ConfigError(f"phases[{index}] in {source} must have name, recipe and optional train")
+        phases.append(PhaseSettings(name=item["name"], recipe=str(item["recipe"]), train=item.get("train") or {}))
+    return phases
 
 
 def _check_keys(source: str, section: str, values: dict) -> None:
@@ -135,7 +211,7 @@ def _coerce(section: str, key: str, value: Any) -> Any:
             if float(value) != int(float(value)):
                 raise ValueError(value)
             return int(float(value))
-        if kind == "float" and not isinstance(value, bool):
+        if kind in ("float", "float | None") and value is not None and not isinstance(value, bool):
             return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{section}.{key} must be of type {kind}, got {value!r}") from None
@@ -145,6 +221,7 @@ def _coerce(section: str, key: str, value: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GistctlConfig:
     """Defaults, then the YAML file at `path`, then `overrides` ({"train.lr": 1e-4, ...}; None values skipped)."""
     merged: dict[str, dict] = {name: {} for name in _SECTION_CLASSES}
+    phases: list[PhaseSettings] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -156,8 +233,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of sections ({', '.join(_SECTION_CLASSES)})")
         for section, values in data.items():
+            if section == "phases":
+                phases = _phases(str(path), values)
+                continue
             if section not in _SECTION_CLASSES:
-                raise ConfigError(f"unknown section '{section}' in {path}; valid sections: {', '.join(_SECTION_CLASSES)}")
+                raise ConfigError(f"unknown section '{section}' in {path}; valid sections: "
+                                  f"{', '.join(_SECTION_CLASSES)}, phases")
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
             _check_keys(str(path), section, values)
@@ -171,11 +252,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _check_keys("command-line flags", section, {key: value})
         merged[section][key] = _coerce(section, key, value)
     try:
-        return GistctlConfig(**{name: cls(**merged[name]) for name, cls in _SECTION_CLASSES.items()})
+        return GistctlConfig(**{name: cls(**merged[name]) for name, cls in _SECTION_CLASSES.items()}, phases=phases)
     except TypeError as err:  # wrong value type that dataclasses could not take
         raise ConfigError(str(err)) from err
 
 
 def config_from_dict(data: dict[str, Any]) -> GistctlConfig:
     """Rebuild a config saved with `to_dict` (e.g. a checkpoint's config.yaml), validating it again."""
-    return GistctlConfig(**{name: cls(**data.get(name, {})) for name, cls in _SECTION_CLASSES.items()})
+    phases = _phases("the saved config", data["phases"]) if data.get("phases") else []
+    return GistctlConfig(**{name: cls(**data.get(name, {})) for name, cls in _SECTION_CLASSES.items()}, phases=phases)

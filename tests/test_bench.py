@@ -99,6 +99,34 @@ def test_resume_runs_only_missing_rows(bench_run, tiny_model_dir):
     assert read_rows(bench_run["run_dir"]) == rows  # nothing pending: no worker, no new rows
 
 
+def test_resume_redoes_gist_rows_of_a_changed_adapter(tiny_model_dir, tmp_path):
+    """Re-shipping an adapter under the same column name must not reuse the old adapter's rows."""
+    from gistctl.config import load_config
+    from gistctl.gist.lora import adapter_fingerprint
+    from gistctl.train.loop import train
+
+    data = write_data(tmp_path / "set.jsonl", 1)
+    config = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "gist.num_tokens": 2,
+                                "train.data": str(data), "train.batch_size": 1, "train.max_steps": 1,
+                                "train.bf16": False, "lora.r": 4, "lora.alpha": 8})
+    adapter = train(config, tmp_path / "train").final_dir
+    args = ["bench", "--methods", "gist", "--adapter", str(adapter), "--model", str(tiny_model_dir), "--device",
+            "cpu", "--max-new-tokens", "2", "--data", str(data), "--run-dir", str(tmp_path / "run")]
+    assert runner.invoke(app, args).exit_code == 0
+    old = adapter_fingerprint(adapter)
+    config.train.seed = 1
+    train(config, tmp_path / "train2")
+    for name in ("adapter_model.safetensors",):  # "re-ship": other weights under the same directory
+        (adapter / name).write_bytes((tmp_path / "train2" / "final" / name).read_bytes())
+    assert adapter_fingerprint(adapter) != old
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "run")
+    assert [r["adapter_fingerprint"] for r in rows] == [old, adapter_fingerprint(adapter)]  # redone, not reused
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["methods"]["gist[final]"]["n"] == 1
+
+
 def test_resume_refuses_other_settings(bench_run, tiny_model_dir):
     args = bench_args(tiny_model_dir, bench_run["data"], bench_run["run_dir"])
     args[args.index("--max-new-tokens") + 1] = "5"
@@ -179,6 +207,26 @@ def test_method_columns():
         ["gist[none,K=2]", "gist[none,K=4]", "rag", "full"]
     assert [s.num_gist for s in parse_methods("gist", "none", "2,4")] == [2, 4]
     assert [s.column for s in parse_methods("full", None, None)] == ["full"]
+    chunked = parse_methods("gist,full", "none", "2", "16,32")
+    assert [(s.column, s.chunk_tokens) for s in chunked] == \
+        [("gist[none,K=2,chunk=16]", 16), ("gist[none,K=2,chunk=32]", 32), ("full", None)]
+
+
+def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
+    """--chunk-tokens: the same adapter at two chunk lengths; the shorter keeps more gists in a bigger blob."""
+    data = write_data(tmp_path / "set.jsonl", 1)
+    args = bench_args(tiny_model_dir, data, tmp_path / "run", "--chunk-tokens", "16,64")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in read_rows(tmp_path / "run")}
+    short, long = rows["gist[none,K=2,chunk=16]"], rows["gist[none,K=2,chunk=64]"]
+    n_tokens = short["document_tokens"]
+    assert n_tokens > 64
+    for row, chunk in ((short, 16), (long, 64)):
+        meta = read_blob_meta(tmp_path / "run" / row["blob"])
+        assert meta.chunk_tokens == chunk and row["chunk_tokens"] == chunk
+        assert meta.num_chunks == -(-n_tokens // chunk)
+    assert short["state_bytes"] > long["state_bytes"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -44,6 +44,24 @@ def test_shipped_configs_load():
     assert sizes == [10, 25, 50]
 
 
+def test_default_curriculum_config_loads(monkeypatch):
+    """configs/default.yaml: phases whose recipes are valid mixtures with held-out eval seeds."""
+    from pathlib import Path
+
+    from gistctl.data.mix import load_recipe
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
+    config = load_config("configs/default.yaml")
+    assert [p.name for p in config.phases] == ["p0-digits", "p1-alnum6", "p2-mix"]
+    assert config.total_steps() == sum(p.train["max_steps"] for p in config.phases)
+    seeds = [load_recipe(p.recipe) for p in config.phases]
+    train_seeds = {r["train"]["seed"] for r in seeds}
+    assert not train_seeds & {r["eval"]["seed"] for r in seeds}
+    phase = config.phase_config(1, data="configs/data_phase1.yaml", eval_data=None, init_adapter=None)
+    assert phase.train.lr == config.train.lr and phase.train.max_steps == config.phases[1].train["max_steps"]
+    assert not phase.phases
+
+
 def test_round_trip_through_dict():
     config = load_config(None, {"gist.num_tokens": 3})
     assert config_from_dict(config.to_dict()) == config

@@ -26,7 +26,7 @@ def fresh(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu")
 
 
-def test_add_gist_tokens_is_idempotent_and_mean_initialised(fresh):
+def test_add_gist_tokens_is_idempotent_and_initialised_like_distinct_tokens(fresh, tiny_model_dir):
     model, tokenizer = fresh.model, fresh.tokenizer
     old = model.get_input_embeddings().weight.detach().clone()
     ids = add_gist_tokens(model, tokenizer, 4)
@@ -34,7 +34,13 @@ def test_add_gist_tokens_is_idempotent_and_mean_initialised(fresh):
     weight = model.get_input_embeddings().weight
     assert weight.shape[0] == old.shape[0] + 4
     assert torch.equal(weight[: old.shape[0]], old)
-    assert torch.allclose(weight[ids], old.mean(dim=0).expand(4, -1))
+    gists = weight[ids].detach()
+    assert all(not torch.allclose(gists[i], gists[j]) for i in range(4) for j in range(i))  # no symmetric start
+    norms, typical = gists.norm(dim=1), old.norm(dim=1).median()
+    assert ((norms > 0.5 * typical) & (norms < 2 * typical)).all()  # sized like real tokens
+    other = load_model(str(tiny_model_dir), device="cpu")
+    add_gist_tokens(other.model, other.tokenizer, 4)
+    assert torch.equal(other.model.get_input_embeddings().weight[ids], weight[ids])  # same in every process
     assert model.get_output_embeddings().weight is weight  # still tied
     assert add_gist_tokens(model, tokenizer, 4) == ids
     assert model.get_input_embeddings().weight.shape[0] == old.shape[0] + 4

@@ -200,3 +200,79 @@ def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, t
     assert meta["step"] == 2 and meta["recipe"]["gist"]["num_tokens"] == 2 and meta["note"] == "test"
     assert STATE_FILE not in os.listdir(shipped)
     load_gist_model(load_model(str(tiny_model_dir), device="cpu"), shipped)  # loads as an adapter
+
+
+def curriculum_config(tmp_path, model_dir, **overrides):
+    import yaml
+
+    recipe = {"train": {"n": 6, "seed": 1}, "eval": {"n": 2, "seed": 2}, "haystack_dir": None,
+              "components": [{"task": "passkey", "weight": 1, "tokens": "100..140", "options": {"key_format": "digits5"}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    config = {"model": {"name": str(model_dir), "device": "cpu"}, "gist": {"num_tokens": 2},
+              "lora": {"r": 4, "alpha": 8},
+              "train": {"batch_size": 2, "lr": 1e-2, "gist_lr": 1e-2, "warmup_steps": 0, "bf16": False,
+                        "save_every": 1, "eval_every": 2, "eval_limit": 2},
+              "phases": [{"name": "first", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 2}},
+                         {"name": "second", "recipe": str(tmp_path / "recipe.yaml"),
+                          "train": {"max_steps": 2, "lr": 5e-3}}]}
+    config.update(overrides)
+    (tmp_path / "curriculum.yaml").write_text(yaml.safe_dump(config))
+    return load_config(tmp_path / "curriculum.yaml")
+
+
+def test_curriculum_chains_phases_and_resumes_across_sittings(tiny_model_dir, tmp_path):
+    from gistctl.config import config_from_dict
+    from gistctl.train.curriculum import train_curriculum
+
+    config = curriculum_config(tmp_path, tiny_model_dir)
+    assert config.total_steps() == 4 and config_from_dict(config.to_dict()) == config
+    straight = train_curriculum(config, tmp_path / "straight")
+    logged = []
+    first = train_curriculum(config, tmp_path / "split", stop_after=3, on_log=logged.append)
+    assert first.final_dir is None and (tmp_path / "split" / "first" / "final").is_dir()
+    assert not (tmp_path / "split" / "final").exists()
+    before = (tmp_path / "split" / "first" / "final" / "adapter_model.safetensors").read_bytes()
+    second = train_curriculum(config, tmp_path / "split", on_log=logged.append)
+    assert [(r["phase"], r["phase_step"], r["step"]) for r in logged] == [
+        ("first", 1, 1), ("first", 2, 2), ("second", 1, 3), ("second", 2, 4)]  # the finished phase is skipped
+    assert (tmp_path / "split" / "first" / "final" / "adapter_model.safetensors").read_bytes() == before
+    phase2 = load_config(tmp_path / "split" / "second" / "config.yaml")
+    assert phase2.train.init_adapter == str(tmp_path / "split" / "first" / "final") and phase2.train.lr == 5e-3
+    assert phase2.train.data == str(tmp_path / "split" / "data" / "second" / "train.jsonl")
+    a = load_file(str(straight.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(second.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # two sittings == one
+    meta = json.loads((second.final_dir / "meta.json").read_text())
+    assert meta["step"] == 4 and [p["name"] for p in meta["phases"]] == ["first", "second"]
+    assert all(p["steps"] == 2 and p["evals"] and p["data"]["train"]["examples"] == 6 for p in meta["phases"])
+    assert load_config(second.final_dir / "config.yaml").phases == config.phases
+
+
+def test_curriculum_config_errors(tiny_model_dir, tmp_path):
+    from gistctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="phases.first.train.data"):
+        curriculum_config(tmp_path, tiny_model_dir, phases=[
+            {"name": "first", "recipe": str(tmp_path / "recipe.yaml"), "train": {"data": "x.jsonl"}}])
+    with pytest.raises(ConfigError, match="unique"):
+        curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "recipe.yaml")}] * 2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "none.yaml")}])
+
+
+def test_stop_at_eval_finishes_a_run_once_it_has_learned(tiny_model_dir, tmp_path):
+    data = tmp_path / "two.jsonl"
+    write_jsonl(data, passkey_records(2))  # learnable in well under 200 steps (see the overfit test)
+    config = settings(tiny_model_dir, data, batch_size=2, max_steps=150, eval_every=10, eval_limit=2,
+                      save_every=1000, stop_at_eval=0.5, eval=str(data))
+    result = train(config, tmp_path / "run")
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval" in r]
+    assert result.final_dir is not None and result.steps < 150 and result.steps == evals[-1]["step"]
+    assert evals[-1]["eval"]["overall"] >= 0.5 and "stopped_early" in evals[-1]
+    assert all(r["eval"]["overall"] < 0.5 for r in evals[:-1])
+    assert json.loads((result.final_dir / "meta.json").read_text())["step"] == result.steps
+    with pytest.raises(Exception, match="stop_at_eval"):
+        settings(tiny_model_dir, data, stop_at_eval=1.5, eval=str(data))
+    with pytest.raises(Exception, match="needs train.eval"):
+        settings(tiny_model_dir, data, stop_at_eval=0.5)

@@ -40,6 +40,8 @@ class MethodSpec:
     kind: str
     adapter: str | None = None
     num_gist: int | None = None
+    chunk_tokens: int | None = None  # gist: compress in chunks of this many tokens (None: the adapter's own)
+    adapter_fingerprint: str | None = None  # gist: rows made with another adapter under this column are stale
 
     @property
     def slug(self) -> str:
@@ -72,13 +74,14 @@ def _split(spec: str | None) -> list[str]:
     return [part.strip() for part in (spec or "").split(",") if part.strip()]
 
 
-def parse_gist_sizes(spec: str | None) -> list[int]:
+def parse_gist_sizes(spec: str | None, what: str = "--gist-sizes") -> list[int]:
+    """"10,25,50" -> [10, 25, 50] (distinct positive integers, in order)."""
     sizes = []
     for part in _split(spec):
         if not part.isdigit() or int(part) < 1:
-            raise ConfigError(f"bad gist size '{part}' in --gist-sizes; use positive integers like 10,25,50")
+            raise ConfigError(f"bad value '{part}' in {what}; use positive integers like 10,25,50")
         sizes.append(int(part))
-    return sizes
+    return list(dict.fromkeys(sizes))
 
 
 def shipped_size_adapter(k: int) -> str:
@@ -93,10 +96,13 @@ def shipped_size_adapter(k: int) -> str:
     return str(path)
 
 
-def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None) -> list[MethodSpec]:
+def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
+                  chunk_tokens: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
-    missing one fails before any model loads."""
-    from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
+    missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
+    length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
+    adapter)."""
+    from gistctl.gist.lora import NO_ADAPTER, adapter_fingerprint, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
     if not kinds:
@@ -116,7 +122,8 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
         elif sizes:
             if adapter_list:
                 raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
-            specs += [MethodSpec(f"gist[K={k}]", "gist", shipped_size_adapter(k)) for k in sizes]
+            specs += [MethodSpec(f"gist[K={k}]", "gist", path, adapter_fingerprint=adapter_fingerprint(path))
+                      for k in sizes for path in [shipped_size_adapter(k)]]
         else:
             for spec in adapter_list or [None]:
                 path = resolve_adapter(spec)  # raises a clear error when missing
@@ -124,7 +131,11 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 column = f"gist[{name}]"
                 if any(s.column == column for s in specs):
                     column = f"gist[{spec}]"
-                specs.append(MethodSpec(column, "gist", spec))
+                specs.append(MethodSpec(column, "gist", spec, adapter_fingerprint=adapter_fingerprint(path)))
+    chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
+    if chunks:
+        specs = [MethodSpec(f"{s.column[:-1]},chunk={c}]", s.kind, s.adapter, s.num_gist, c, s.adapter_fingerprint)
+                 for s in specs for c in chunks]
     specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
     return specs
 
@@ -208,8 +219,16 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
     ids = [e["id"] for e in examples]
     wanted = set(ids)
     existing = load_predictions(run.file(PREDICTIONS))
+    by_column = {s.column: s for s in specs}
+
+    def current(row: dict) -> bool:
+        """A row of one of these columns and examples, made with the column's adapter as it is now."""
+        spec = by_column.get(row.get("method"))
+        return (spec is not None and row.get("id") in wanted
+                and row.get("adapter_fingerprint") == spec.adapter_fingerprint)
+
     for spec in specs:
-        mine = {r["id"]: r for r in existing if r.get("method") == spec.column and r.get("id") in wanted}
+        mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}
         pending = [i for i in ids if i not in mine]
         rows = list(mine.values())
 
@@ -228,12 +247,11 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
 
             run_worker(run, spec, settings, pending, on_row)
         report("end")
-    columns = {s.column for s in specs}
     seen: set[tuple[str, str]] = set()
     out = []
     for row in load_predictions(run.file(PREDICTIONS)):
         key = (row.get("method"), row.get("id"))
-        if key[0] in columns and key[1] in wanted and key not in seen:
+        if current(row) and key not in seen:
             seen.add(key)
             out.append(row)
     return out

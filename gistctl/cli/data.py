@@ -173,9 +173,7 @@ def mix(recipe_path: Path = typer.Option(Path("configs/data_mix.yaml"), "--recip
         n_train: Optional[int] = typer.Option(None, "--n-train", min=0, help="Override the recipe's train n."),
         n_eval: Optional[int] = typer.Option(None, "--n-eval", min=0, help="Override the recipe's eval n.")) -> None:
     """A training mixture from a YAML recipe, with a held-out eval split built from disjoint seeds."""
-    from gistctl.data.mix import build_mix, load_recipe, validate_recipe
-    from gistctl.data.schema import write_jsonl
-    from gistctl.runs import atomic_write_yaml
+    from gistctl.data.mix import load_recipe, validate_recipe, write_mix
 
     recipe = load_recipe(recipe_path)
     if n_train is not None:
@@ -188,10 +186,8 @@ def mix(recipe_path: Path = typer.Option(Path("configs/data_mix.yaml"), "--recip
     tok = _tokenizer(model)
     with _progress() as progress:
         bar = progress.add_task("mix", total=recipe["train"]["n"] + recipe["eval"]["n"])
-        splits = build_mix(tok, recipe, on_record=lambda _: progress.advance(bar))
+        splits = write_mix(tok, recipe, output, on_record=lambda _: progress.advance(bar))
     for split, records in splits.items():
-        write_jsonl(output / f"{split}.jsonl", records)
         print_summary(records, f"{output / (split + '.jsonl')} (tokens per context)")
-    atomic_write_yaml(output / "recipe.yaml", recipe)
     console.print(f"wrote {len(splits['train'])} train and {len(splits['eval'])} eval records to {output}",
                   highlight=False)

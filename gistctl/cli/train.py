@@ -40,6 +40,7 @@ def train(
     overfit_threshold: float = typer.Option(0.1, help="Loss the overfit check must reach."),
 ) -> None:
     """Train a gist adapter; checkpoints go to the run directory (step-NNNNNN/, best/, final/)."""
+    from gistctl.train.curriculum import train_curriculum
     from gistctl.train.loop import train as run_training
 
     overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "train.data": data,
@@ -61,12 +62,14 @@ def train(
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console) as progress:
-        task = progress.add_task("train", total=overfit_check or settings.train.max_steps, status="loading")
+        task = progress.add_task("train", total=overfit_check or settings.total_steps(), status="loading")
 
         def on_log(record: dict) -> None:
             status = (f"loss {record['loss']:.4f}  gnorm {record['grad_norm']:.2f}  lr {record['lr']:.2e}  "
                       f"{record['tokens_per_s']:.0f} tok/s  {record['step_s']:.1f} s/step  "
                       f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+            if "phase" in record:
+                status = f"{record['phase']} {record['phase_step']}  {status}"
             progress.update(task, completed=record["step"], status=status)
             if "eval" in record:
                 progress.console.print(f"step {record['step']}: eval {record['eval']['overall']:.3f} "
@@ -75,8 +78,14 @@ def train(
                 progress.console.print(f"[yellow]warning:[/] step {record['step']}: {record['warning']}")
 
         try:
-            result = run_training(settings, path, resume=resume, stop_after=stop_after,
-                                  overfit_steps=overfit_check, overfit_threshold=overfit_threshold, on_log=on_log)
+            if settings.phases:
+                if overfit_check:
+                    raise ConfigError("--overfit-check trains one plain run; drop the config's phases")
+                result = train_curriculum(settings, path, stop_after=stop_after, on_log=on_log)
+            else:
+                result = run_training(settings, path, resume=resume, stop_after=stop_after,
+                                      overfit_steps=overfit_check, overfit_threshold=overfit_threshold,
+                                      on_log=on_log)
         except KeyboardInterrupt:
             err_console.print(f"interrupted; the last complete checkpoint is in {path}; continue with: "
                               f"gistctl train --run-dir {path} --resume", highlight=False)

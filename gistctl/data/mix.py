@@ -141,3 +141,18 @@ def build_mix(tokenizer, recipe: dict, *, on_record: Callable[[dict], None] | No
         raise ConfigError(f"train and eval share {len(shared)} example(s); a qa component needs "
                           "source: {train: <file>, eval: <other file>}")
     return splits
+
+
+def write_mix(tokenizer, recipe: dict, output: str | Path, *,
+              on_record: Callable[[dict], None] | None = None) -> dict[str, list[dict]]:
+    """Build a mixture and write `train.jsonl`, `eval.jsonl` and the resolved `recipe.yaml` into `output`
+    (recipe last, so a folder with a recipe.yaml holds a complete mixture)."""
+    from gistctl.data.schema import write_jsonl
+    from gistctl.runs import atomic_write_yaml
+
+    output = Path(output)
+    splits = build_mix(tokenizer, recipe, on_record=on_record)
+    for split, records in splits.items():
+        write_jsonl(output / f"{split}.jsonl", records)
+    atomic_write_yaml(output / "recipe.yaml", recipe)
+    return splits

@@ -7,7 +7,8 @@
    only; summed over the step's micro-batches and divided by the step's answer-token count, so
    batch 4 == batch 2 x accumulation 2.
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where supported.
-5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`.
+5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
+   with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     sitting_start, tokens_seen = time.perf_counter(), 0
     model.train()
     completed = start_step  # optimizer steps applied so far
+    stopped_at = None  # the step whose evaluation reached cfg.stop_at_eval
     _sigterm_as_interrupt()
     try:
         for step in range(start_step, end_step):
@@ -234,6 +236,10 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                 if best is None or record["eval"]["overall"] > best["overall"]:
                     best = {"step": done, "overall": record["eval"]["overall"], "per_task": record["eval"]["per_task"]}
                     improved = True
+            reached = (cfg.stop_at_eval is not None and "eval" in record
+                       and record["eval"]["overall"] >= cfg.stop_at_eval)
+            if reached:
+                record["stopped_early"] = f"eval {record['eval']['overall']:.3f} >= stop_at_eval {cfg.stop_at_eval}"
             history.append(record)
             if improved:
                 save("best", done, with_state=False)
@@ -242,6 +248,9 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                     fh.write(json.dumps(record) + "\n")
             if on_log and accelerator.is_main_process:
                 on_log(record)
+            if reached:
+                stopped_at = done
+                break
             if not overfit_steps and (done % cfg.save_every == 0 or done == end_step) and done < cfg.max_steps:
                 save(f"step-{done:06d}", done, with_state=True)
     except KeyboardInterrupt:
@@ -257,7 +266,10 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
         final_dir = save("final", len(losses), with_state=False)  # the memorised batch, for inspection
         return TrainResult(run_dir, final_dir, len(losses), last, losses, None)
     final_dir = None
-    if end_step >= cfg.max_steps:
+    if stopped_at is not None:
+        final_dir = save("final", stopped_at, with_state=False)
+        end_step = stopped_at
+    elif end_step >= cfg.max_steps:
         final_dir = save("final", cfg.max_steps, with_state=False)
     return TrainResult(run_dir, final_dir, end_step, last, losses, best["overall"] if best else None)
 

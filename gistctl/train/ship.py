@@ -46,6 +46,8 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None,
                    "n": e["eval"]["n"]} for e in source_meta.get("evals", [])],
         "best_eval": source_meta.get("best_eval"),
     }
+    if source_meta.get("phases"):  # a curriculum: every phase's recipe, data and evals
+        meta["phases"] = source_meta["phases"]
     if note:
         meta["note"] = note
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
