@@ -49,7 +49,14 @@ def test_phase0_adapter_answers_fresh_digit_passkeys_from_its_blob():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 10 target not met: the shipped adapter is undertrained and answers "
-                                       "passkeys from its blob at ~0% (see gistctl/adapters/default/meta.json)")
-def test_default_adapter_answers_a_fresh_passkey_from_its_blob():
-    assert fresh_passkeys_right(None, "alnum6") == 3
+def test_default_adapter_reads_fresh_passkeys_from_its_blob():
+    """A regression guard at the level measured when it shipped (7 of these 8; 80% on the bench's 512-2k
+    passkeys). The untrained gists answer none."""
+    assert fresh_passkeys_right(None, "alnum6", n=8) >= 6
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10 target (>= 95% passkey) not met: the shipped adapter reads 7 of "
+                                       "these 8 (one character wrong in the eighth); see README, Results")
+def test_default_adapter_reads_every_fresh_passkey():
+    assert fresh_passkeys_right(None, "alnum6", n=8) == 8

@@ -200,6 +200,10 @@ def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, t
     assert meta["step"] == 2 and meta["recipe"]["gist"]["num_tokens"] == 2 and meta["note"] == "test"
     assert STATE_FILE not in os.listdir(shipped)
     load_gist_model(load_model(str(tiny_model_dir), device="cpu"), shipped)  # loads as an adapter
+    rechunked = ship_adapter(final, "long", chunk_tokens=64, target_root=tmp_path / "adapters")
+    gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), rechunked)
+    assert gm.chunk_tokens == 64 and json.loads((rechunked / "meta.json").read_text())["chunk_tokens"] == \
+        {"trained": json.loads((final / "gist.json").read_text())["chunk_tokens"], "shipped": 64}
 
 
 def curriculum_config(tmp_path, model_dir, **overrides):

@@ -23,8 +23,10 @@ FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "confi
          "tokenizer_config.json", "chat_template.jinja")
 
 
-def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None,
+def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, chunk_tokens: int | None = None,
                  target_root: Path = SHIPPED_ADAPTERS) -> Path:
+    """`chunk_tokens`: the chunk length compress uses with this adapter, when a measured curve (bench
+    --chunk-tokens) favours another than the one it was trained with; meta.json records both."""
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
     target = target_root / name
@@ -46,6 +48,11 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None,
                    "n": e["eval"]["n"]} for e in source_meta.get("evals", [])],
         "best_eval": source_meta.get("best_eval"),
     }
+    if chunk_tokens is not None:
+        gist = json.loads((tmp / "gist.json").read_text())
+        meta["chunk_tokens"] = {"trained": gist["chunk_tokens"], "shipped": chunk_tokens}
+        gist["chunk_tokens"] = chunk_tokens
+        (tmp / "gist.json").write_text(json.dumps(gist, indent=2, sort_keys=True) + "\n")
     if source_meta.get("phases"):  # a curriculum: every phase's recipe, data and evals
         meta["phases"] = source_meta["phases"]
     if note:
@@ -65,8 +72,9 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("name")
     parser.add_argument("--note")
+    parser.add_argument("--chunk-tokens", type=int, help="chunk length compress uses (default: the trained one)")
     args = parser.parse_args()
-    print(ship_adapter(args.checkpoint, args.name, note=args.note))
+    print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens))
 
 
 if __name__ == "__main__":
