@@ -182,9 +182,6 @@ def _phases(source: str, value: Any) -> list[PhaseSettings]:
         raise ConfigError(f"phases in {source} must be a non-empty list of {{name, recipe, train}} mappings")
     phases = []
     for index, item in enumerate(value):
-        if isinstance(item, PhaseSettings):
-            phases.append(item)
-            continue
         if not isinstance(item, dict) or not {"name", "recipe"} <= set(item) <= {"name", "recipe", "train"}:
             raise ConfigError(f"phases[{index}] in {source} must have name, recipe and optional train")
         phases.append(PhaseSettings(name=item["name"], recipe=str(item["recipe"]), train=item.get("train") or {}))

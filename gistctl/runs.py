@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_write_yaml(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def replace_dir(tmp: str | Path, target: str | Path) -> Path:
+    """Move the complete directory `tmp` to `target`, replacing an older `target`: the old copy is set
+    aside first and deleted only once the new one is in place, so `target` is never half-written."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
 
 
 def runs_root() -> Path:

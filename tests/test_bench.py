@@ -125,6 +125,11 @@ def test_resume_redoes_gist_rows_of_a_changed_adapter(tiny_model_dir, tmp_path):
     assert [r["adapter_fingerprint"] for r in rows] == [old, adapter_fingerprint(adapter)]  # redone, not reused
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["methods"]["gist[final]"]["n"] == 1
+    gist_json = adapter / "gist.json"  # re-shipped with another chunk length: the weights are the same
+    gist_json.write_text(json.dumps({**json.loads(gist_json.read_text()), "chunk_tokens": 16}))
+    assert runner.invoke(app, args).exit_code == 0
+    assert [r["chunk_tokens"] for r in read_rows(tmp_path / "run")][-1] == 16
+    assert len(read_rows(tmp_path / "run")) == 3
 
 
 def test_resume_refuses_other_settings(bench_run, tiny_model_dir):

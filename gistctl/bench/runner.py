@@ -40,8 +40,8 @@ class MethodSpec:
     kind: str
     adapter: str | None = None
     num_gist: int | None = None
-    chunk_tokens: int | None = None  # gist: compress in chunks of this many tokens (None: the adapter's own)
-    adapter_fingerprint: str | None = None  # gist: rows made with another adapter under this column are stale
+    chunk_tokens: int | None = None  # gist: compress in chunks of this many tokens (an adapter's own by default)
+    adapter_fingerprint: str | None = None  # gist: rows made with another adapter or chunk length are stale
 
     @property
     def slug(self) -> str:
@@ -96,13 +96,23 @@ def shipped_size_adapter(k: int) -> str:
     return str(path)
 
 
+def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> MethodSpec:
+    """A gist column over a trained adapter, with what identifies its rows: the adapter's fingerprint and the
+    chunk length in its gist.json (re-shipping either changes what the column measures)."""
+    from gistctl.gist.lora import adapter_fingerprint, read_gist_meta
+
+    path = path or adapter
+    return MethodSpec(column, "gist", adapter, chunk_tokens=int(read_gist_meta(path)["chunk_tokens"]),
+                      adapter_fingerprint=adapter_fingerprint(path))
+
+
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
                   chunk_tokens: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
     adapter)."""
-    from gistctl.gist.lora import NO_ADAPTER, adapter_fingerprint, resolve_adapter
+    from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
     if not kinds:
@@ -122,8 +132,7 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
         elif sizes:
             if adapter_list:
                 raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
-            specs += [MethodSpec(f"gist[K={k}]", "gist", path, adapter_fingerprint=adapter_fingerprint(path))
-                      for k in sizes for path in [shipped_size_adapter(k)]]
+            specs += [_adapter_spec(f"gist[K={k}]", shipped_size_adapter(k)) for k in sizes]
         else:
             for spec in adapter_list or [None]:
                 path = resolve_adapter(spec)  # raises a clear error when missing
@@ -131,7 +140,7 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 column = f"gist[{name}]"
                 if any(s.column == column for s in specs):
                     column = f"gist[{spec}]"
-                specs.append(MethodSpec(column, "gist", spec, adapter_fingerprint=adapter_fingerprint(path)))
+                specs.append(_adapter_spec(column, spec, path))
     chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
     if chunks:
         specs = [MethodSpec(f"{s.column[:-1]},chunk={c}]", s.kind, s.adapter, s.num_gist, c, s.adapter_fingerprint)
@@ -222,10 +231,11 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
     by_column = {s.column: s for s in specs}
 
     def current(row: dict) -> bool:
-        """A row of one of these columns and examples, made with the column's adapter as it is now."""
+        """A row of one of these columns and examples, made with the column's adapter and chunk length."""
         spec = by_column.get(row.get("method"))
         return (spec is not None and row.get("id") in wanted
-                and row.get("adapter_fingerprint") == spec.adapter_fingerprint)
+                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"))
+                == (spec.adapter_fingerprint, spec.chunk_tokens))
 
     for spec in specs:
         mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}

@@ -8,7 +8,6 @@ hidden temp directory and renamed into place, so one that exists under its final
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from gistctl.gist.lora import save_adapter
-from gistctl.runs import atomic_write_json, atomic_write_yaml
+from gistctl.runs import atomic_write_json, atomic_write_yaml, replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "meta.json",
@@ -54,15 +53,7 @@ def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int],
     atomic_write_json(tmp / "meta.json", meta)
     if training_state is not None:
         torch.save(training_state, tmp / STATE_FILE)
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-    return directory
+    return replace_dir(tmp, directory)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -14,14 +14,13 @@ interrupted one from its latest checkpoint and starts the others, so a CPU run c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from gistctl.config import GistctlConfig
 from gistctl.data.mix import load_recipe, write_mix
-from gistctl.runs import RunDir, atomic_write_json
+from gistctl.runs import RunDir, atomic_write_json, atomic_write_yaml, replace_dir
 from gistctl.train.checkpoint import latest_checkpoint
 
 
@@ -79,8 +78,6 @@ def train_curriculum(config: GistctlConfig, run_dir: str | Path, *, stop_after: 
 def _assemble_final(config: GistctlConfig, run_dir: Path) -> Path:
     """Copy the last phase's final adapter to `run_dir/final`, with the curriculum's config and a meta.json
     that records every phase (recipe, data fingerprints, steps, evals)."""
-    from gistctl.runs import atomic_write_yaml
-
     last = run_dir / config.phases[-1].name / "final"
     phases = []
     for phase in config.phases:
@@ -94,10 +91,4 @@ def _assemble_final(config: GistctlConfig, run_dir: Path) -> Path:
     shutil.copytree(last, tmp)
     atomic_write_yaml(tmp / "config.yaml", config.to_dict())
     atomic_write_json(tmp / "meta.json", {**last_meta, "step": sum(p["steps"] for p in phases), "phases": phases})
-    old = run_dir / ".final.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return replace_dir(tmp, target)

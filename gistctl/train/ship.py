@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import yaml
 
 from gistctl.gist.lora import SHIPPED_ADAPTERS, adapter_fingerprint
+from gistctl.runs import replace_dir
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "tokenizer.json",
          "tokenizer_config.json", "chat_template.jinja")
@@ -58,13 +58,7 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
     if note:
         meta["note"] = note
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    old = target_root / f".{name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return replace_dir(tmp, target)
 
 
 def main() -> None:
