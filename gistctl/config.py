@@ -2,7 +2,7 @@
 
 A YAML file has the sections `model`, `gist`, `lora`, `train`; every key must be a field below.
 An optional `phases` list makes the run a curriculum (see `gistctl.train.curriculum`): each phase names
-a data recipe and the `train` keys it changes.
+a data recipe, the `train` keys it changes and, optionally, its own `gist.chunk_tokens`.
 Validation happens in `__post_init__` and raises `ConfigError` naming the key and the fix.
 """
 
@@ -112,16 +112,19 @@ class TrainSettings:
 
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
+PHASE_GIST_KEYS = ("chunk_tokens",)  # num_tokens is fixed: a phase starts from the previous phase's gist rows
 
 
 @dataclass
 class PhaseSettings:
-    """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), and the
-    `train` settings that differ from the config's `train` section (max_steps, max_length, ...)."""
+    """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), the `train`
+    settings that differ from the config's `train` section (max_steps, max_length, ...) and the `gist`
+    settings that differ (only chunk_tokens: longer documents in later phases read in longer chunks)."""
 
     name: str
     recipe: str
     train: dict[str, Any] = field(default_factory=dict)
+    gist: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not PHASE_NAME.match(self.name):
@@ -135,6 +138,13 @@ class PhaseSettings:
             if key not in known:
                 raise ConfigError(f"unknown key 'phases.{self.name}.train.{key}'; valid keys: {', '.join(sorted(known))}")
         self.train = {k: _coerce("train", k, v) for k, v in self.train.items()}
+        if not isinstance(self.gist, dict):
+            raise ConfigError(f"phases.{self.name}.gist must be a mapping of gist keys")
+        for key in self.gist:
+            if key not in PHASE_GIST_KEYS:
+                raise ConfigError(f"unknown key 'phases.{self.name}.gist.{key}'; a phase may change only "
+                                  f"{', '.join(PHASE_GIST_KEYS)} (it starts from the previous phase's gist rows)")
+        self.gist = {k: _coerce("gist", k, v) for k, v in self.gist.items()}
 
 
 @dataclass
@@ -165,7 +175,8 @@ class GistctlConfig:
         phase = self.phases[index]
         train = {**dataclasses.asdict(self.train), **phase.train, "data": data, "eval": eval_data,
                  "init_adapter": init_adapter}
-        return GistctlConfig(model=self.model, gist=self.gist, lora=self.lora, train=TrainSettings(**train))
+        gist = GistSettings(**{**dataclasses.asdict(self.gist), **phase.gist})
+        return GistctlConfig(model=self.model, gist=gist, lora=self.lora, train=TrainSettings(**train))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -182,9 +193,10 @@ def _phases(source: str, value: Any) -> list[PhaseSettings]:
         raise ConfigError(f"phases in {source} must be a non-empty list of {{name, recipe, train}} mappings")
     phases = []
     for index, item in enumerate(value):
-        if not isinstance(item, dict) or not {"name", "recipe"} <= set(item) <= {"name", "recipe", "train"}:
-            raise ConfigError(f"phases[{index}] in {source} must have name, recipe and optional train")
-        phases.append(PhaseSettings(name=item["name"], recipe=str(item["recipe"]), train=item.get("train") or {}))
+        if not isinstance(item, dict) or not {"name", "recipe"} <= set(item) <= {"name", "recipe", "train", "gist"}:
+            raise ConfigError(f"phases[{index}] in {source} must have name, recipe and optional train and gist")
+        phases.append(PhaseSettings(name=item["name"], recipe=str(item["recipe"]), train=item.get("train") or {},
+                                    gist=item.get("gist") or {}))
     return phases
 
 

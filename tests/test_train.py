@@ -218,7 +218,7 @@ def curriculum_config(tmp_path, model_dir, **overrides):
                         "save_every": 1, "eval_every": 2, "eval_limit": 2},
               "phases": [{"name": "first", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 2}},
                          {"name": "second", "recipe": str(tmp_path / "recipe.yaml"),
-                          "train": {"max_steps": 2, "lr": 5e-3}}]}
+                          "train": {"max_steps": 2, "lr": 5e-3}, "gist": {"chunk_tokens": 96}}]}
     config.update(overrides)
     (tmp_path / "curriculum.yaml").write_text(yaml.safe_dump(config))
     return load_config(tmp_path / "curriculum.yaml")
@@ -242,6 +242,8 @@ def test_curriculum_chains_phases_and_resumes_across_sittings(tiny_model_dir, tm
     assert (tmp_path / "split" / "first" / "final" / "adapter_model.safetensors").read_bytes() == before
     phase2 = load_config(tmp_path / "split" / "second" / "config.yaml")
     assert phase2.train.init_adapter == str(tmp_path / "split" / "first" / "final") and phase2.train.lr == 5e-3
+    phase1 = load_config(tmp_path / "split" / "first" / "config.yaml")
+    assert (phase1.gist.chunk_tokens, phase2.gist.chunk_tokens) == (1024, 96)  # 100-140-token documents: 1 chunk, 2
     assert phase2.train.data == str(tmp_path / "split" / "data" / "second" / "train.jsonl")
     a = load_file(str(straight.final_dir / "adapter_model.safetensors"))
     b = load_file(str(second.final_dir / "adapter_model.safetensors"))
@@ -250,6 +252,8 @@ def test_curriculum_chains_phases_and_resumes_across_sittings(tiny_model_dir, tm
     assert meta["step"] == 4 and [p["name"] for p in meta["phases"]] == ["first", "second"]
     assert all(p["steps"] == 2 and p["evals"] and p["data"]["train"]["examples"] == 6 for p in meta["phases"])
     assert load_config(second.final_dir / "config.yaml").phases == config.phases
+    assert [p["gist"] for p in meta["phases"]] == [{}, {"chunk_tokens": 96}]
+    assert json.loads((second.final_dir / "gist.json").read_text())["chunk_tokens"] == 96  # the last phase's
 
 
 def test_curriculum_config_errors(tiny_model_dir, tmp_path):
@@ -262,6 +266,9 @@ def test_curriculum_config_errors(tiny_model_dir, tmp_path):
         curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "recipe.yaml")}] * 2)
     with pytest.raises(ConfigError, match="does not exist"):
         curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "none.yaml")}])
+    with pytest.raises(ConfigError, match="phases.a.gist.num_tokens"):  # gist rows carry over: K is fixed
+        curriculum_config(tmp_path, tiny_model_dir, phases=[
+            {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "gist": {"num_tokens": 4}}])
 
 
 def test_stop_at_eval_finishes_a_run_once_it_has_learned(tiny_model_dir, tmp_path):
