@@ -131,20 +131,20 @@ class PhaseSettings:
             raise ConfigError(f"phases: name {self.name!r} must be lower-case letters, digits, '-' or '_'")
         if not Path(self.recipe).is_file():
             raise ConfigError(f"phases.{self.name}.recipe: file '{self.recipe}' does not exist")
-        if not isinstance(self.train, dict):
-            raise ConfigError(f"phases.{self.name}.train must be a mapping of train keys")
         known = {f.name for f in dataclasses.fields(TrainSettings)} - set(PHASE_FIXED_KEYS)
-        for key in self.train:
-            if key not in known:
-                raise ConfigError(f"unknown key 'phases.{self.name}.train.{key}'; valid keys: {', '.join(sorted(known))}")
-        self.train = {k: _coerce("train", k, v) for k, v in self.train.items()}
-        if not isinstance(self.gist, dict):
-            raise ConfigError(f"phases.{self.name}.gist must be a mapping of gist keys")
-        for key in self.gist:
-            if key not in PHASE_GIST_KEYS:
-                raise ConfigError(f"unknown key 'phases.{self.name}.gist.{key}'; a phase may change only "
-                                  f"{', '.join(PHASE_GIST_KEYS)} (it starts from the previous phase's gist rows)")
-        self.gist = {k: _coerce("gist", k, v) for k, v in self.gist.items()}
+        self.train = self._overrides("train", self.train, known)
+        self.gist = self._overrides("gist", self.gist, set(PHASE_GIST_KEYS),
+                                    " (K is fixed: a phase starts from the previous phase's gist rows)")
+
+    def _overrides(self, section: str, values: Any, valid: set[str], why: str = "") -> dict[str, Any]:
+        """The `section` keys this phase changes, checked against `valid` and typed like the section's fields."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"phases.{self.name}.{section} must be a mapping of {section} keys")
+        for key in values:
+            if key not in valid:
+                raise ConfigError(f"unknown key 'phases.{self.name}.{section}.{key}'; valid keys: "
+                                  f"{', '.join(sorted(valid))}{why}")
+        return {k: _coerce(section, k, v) for k, v in values.items()}
 
 
 @dataclass

@@ -83,8 +83,8 @@ def _assemble_final(config: GistctlConfig, run_dir: Path) -> Path:
     for phase in config.phases:
         meta = json.loads((run_dir / phase.name / "final" / "meta.json").read_text())
         phases.append({"name": phase.name, "recipe": load_recipe(run_dir / "data" / phase.name / "recipe.yaml"),
-                       "train": phase.train, "gist": phase.gist, "steps": meta["step"], "data": meta["data"], "evals": meta["evals"],
-                       "best_eval": meta.get("best_eval")})
+                       "train": phase.train, "gist": phase.gist, "steps": meta["step"], "data": meta["data"],
+                       "evals": meta["evals"], "best_eval": meta.get("best_eval")})
     last_meta = json.loads((last / "meta.json").read_text())
     target, tmp = run_dir / "final", run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from gistctl.gist.lora import SHIPPED_ADAPTERS, adapter_fingerprint
-from gistctl.runs import replace_dir
+from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
+from gistctl.runs import atomic_write_json, replace_dir
 
-FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "tokenizer.json",
+FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.yaml", "tokenizer.json",
          "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -49,10 +49,9 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         "best_eval": source_meta.get("best_eval"),
     }
     if chunk_tokens is not None:
-        gist = json.loads((tmp / "gist.json").read_text())
+        gist = read_gist_meta(tmp)
         meta["chunk_tokens"] = {"trained": gist["chunk_tokens"], "shipped": chunk_tokens}
-        gist["chunk_tokens"] = chunk_tokens
-        (tmp / "gist.json").write_text(json.dumps(gist, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(tmp / GIST_META, {**gist, "chunk_tokens": chunk_tokens})
     if source_meta.get("phases"):  # a curriculum: every phase's recipe, data and evals
         meta["phases"] = source_meta["phases"]
     if note:
