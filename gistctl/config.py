@@ -45,10 +45,15 @@ class ModelSettings:
 class GistSettings:
     num_tokens: int = 10  # K gist tokens per chunk
     chunk_tokens: int = 1024  # longest context one chunk compresses; longer documents are split
+    # gist position layout (gistctl.kv.positions). sequential trains with one masked forward per batch;
+    # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it)
+    positions: str = "sequential"
 
     def __post_init__(self):
         _positive("gist", "num_tokens", self.num_tokens)
         _positive("gist", "chunk_tokens", self.chunk_tokens)
+        if self.positions not in ("sequential", "compact"):
+            raise ConfigError(f"gist.positions must be sequential or compact, got {self.positions!r}")
 
 
 @dataclass
@@ -112,14 +117,14 @@ class TrainSettings:
 
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
-PHASE_GIST_KEYS = ("chunk_tokens",)  # num_tokens is fixed: a phase starts from the previous phase's gist rows
+PHASE_GIST_KEYS = ("chunk_tokens", "positions")  # num_tokens is fixed: a phase starts from the previous phase's gist rows
 
 
 @dataclass
 class PhaseSettings:
     """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), the `train`
     settings that differ from the config's `train` section (max_steps, max_length, ...) and the `gist`
-    settings that differ (only chunk_tokens: longer documents in later phases read in longer chunks)."""
+    settings that differ (chunk_tokens, positions: later phases may read longer documents differently)."""
 
     name: str
     recipe: str

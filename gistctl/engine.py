@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gistctl.errors import DataError
 from gistctl.gist.lora import GistModel, load_gist_model, read_gist_meta, resolve_adapter
+from gistctl.kv.positions import check_layout
 from gistctl.models import load_model
 
 
@@ -24,8 +25,12 @@ def read_document(path: str | Path) -> str:
 
 def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | None = None,
                     chunk_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                    load_in_4bit: bool = False) -> GistModel:
-    """Base model (default: the adapter's base, else the embedded default) + gist adapter, ready to compress/ask."""
+                    load_in_4bit: bool = False, positions: str | None = None) -> GistModel:
+    """Base model (default: the adapter's base, else the embedded default) + gist adapter, ready to compress/ask.
+
+    `chunk_tokens` / `positions` override the adapter's chunk length and gist position layout."""
+    if positions:
+        check_layout(positions)  # before the slow model load
     adapter_dir = resolve_adapter(adapter)
     if adapter_dir is None and num_gist is None:
         raise DataError("--adapter none needs --gist K (how many untrained gist tokens to use)")
@@ -35,6 +40,8 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
     gm = load_gist_model(loaded, adapter_dir, num_gist=num_gist, chunk_tokens=chunk_tokens or 1024)
     if chunk_tokens:
         gm.chunk_tokens = chunk_tokens
+    if positions:
+        gm.positions = positions
     return gm
 
 

@@ -215,6 +215,10 @@ def test_method_columns():
     chunked = parse_methods("gist,full", "none", "2", "16,32")
     assert [(s.column, s.chunk_tokens) for s in chunked] == \
         [("gist[none,K=2,chunk=16]", 16), ("gist[none,K=2,chunk=32]", 32), ("full", None)]
+    layouts = parse_methods("gist", "none", "2", "16", "sequential,compact")
+    assert [(s.column, s.chunk_tokens, s.positions) for s in layouts] == \
+        [("gist[none,K=2,chunk=16,pos=sequential]", 16, "sequential"),
+         ("gist[none,K=2,chunk=16,pos=compact]", 16, "compact")]
 
 
 def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
@@ -234,6 +238,24 @@ def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
     assert short["state_bytes"] > long["state_bytes"]
 
 
+def test_position_columns_store_their_layout(tiny_model_dir, tmp_path):
+    """--positions: one column per layout over the same adapter; as many gists, at other positions."""
+    data = write_data(tmp_path / "set.jsonl", 1)
+    args = bench_args(tiny_model_dir, data, tmp_path / "run", "--chunk-tokens", "16", "--positions",
+                      "sequential,compact")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in read_rows(tmp_path / "run")}
+    sequential, compact = rows["gist[none,K=2,chunk=16,pos=sequential]"], rows["gist[none,K=2,chunk=16,pos=compact]"]
+    metas = {name: read_blob_meta(tmp_path / "run" / row["blob"]) for name, row in
+             (("sequential", sequential), ("compact", compact))}
+    for name, meta in metas.items():
+        assert meta.positions == name == rows[f"gist[none,K=2,chunk=16,pos={name}]"]["positions"]
+    assert metas["compact"].gist_positions == list(range(metas["compact"].total_gists))
+    assert metas["sequential"].next_position == metas["sequential"].document_tokens + metas["sequential"].total_gists
+    assert metas["sequential"].total_gists == metas["compact"].total_gists > 2  # same tensors, several chunks
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "{tmp}/missing.jsonl", "--methods", "full"], "does not exist"),
     (["--data", "{data}", "--methods", "gist,nope"], "unknown method 'nope'"),
@@ -241,6 +263,8 @@ def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
     (["--data", "{data}", "--methods", "gist", "--gist-sizes", "7"], "gist_7"),
     (["--data", "{data}", "--methods", "gist", "--adapter", "none"], "--gist-sizes"),
     (["--methods", "full"], "--data"),
+    (["--data", "{data}", "--methods", "gist", "--adapter", "none", "--gist-sizes", "2", "--positions", "diag"],
+     "unknown gist position layout"),
     (["--protocol", "other"], "unknown protocol"),
 ])
 def test_user_errors_exit_2(tmp_path, args, message):

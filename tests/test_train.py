@@ -287,3 +287,70 @@ def test_stop_at_eval_finishes_a_run_once_it_has_learned(tiny_model_dir, tmp_pat
         settings(tiny_model_dir, data, stop_at_eval=1.5, eval=str(data))
     with pytest.raises(Exception, match="needs train.eval"):
         settings(tiny_model_dir, data, stop_at_eval=0.5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1024, 8])  # one chunk; several
+def test_chunk_by_chunk_loss_equals_the_masked_batch_loss(tiny_model_dir, chunk_tokens):
+    """Training through compress's own read (`read_chunks`) under the sequential layout is the masked
+    forward computed another way: same loss, same gradients. The compact layout agrees on one chunk (RoPE
+    sees the same distances) and differs once there are several."""
+    from gistctl.config import LoraSettings
+    from gistctl.gist.collate import GistCollator, collate_encoded
+    from gistctl.gist.forward import chunked_answer_loss_sum
+    from gistctl.gist.lora import load_gist_model, wrap_with_lora
+    from gistctl.models import load_model
+    from gistctl.train.loop import answer_loss_sum
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    gm = load_gist_model(loaded, None, num_gist=2)
+    torch.manual_seed(0)
+    model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    collator = GistCollator(loaded.tokenizer, gm.gist_ids, 512, chunk_tokens)
+    encoded = [collator.encode(r) for r in passkey_records(3)]
+    chunk_counts = {len(e.layout.chunks) for e in encoded}
+    assert chunk_counts == {1} if chunk_tokens == 1024 else min(chunk_counts) > 2
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss, count = compute()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return float(loss), count, grads
+
+    masked = loss_and_grads(lambda: answer_loss_sum(model, collate_encoded(encoded, loaded.tokenizer.pad_token_id)))
+    sequential = loss_and_grads(lambda: chunked_answer_loss_sum(model, encoded, gm.gist_ids, "sequential"))
+    compact = loss_and_grads(lambda: chunked_answer_loss_sum(model, encoded, gm.gist_ids, "compact"))
+    assert masked[1] == sequential[1] == compact[1] == sum(e.layout.answer for e in encoded)
+    assert sequential[0] == pytest.approx(masked[0], rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(masked[2], sequential[2]))
+    if chunk_tokens == 1024:
+        assert compact[0] == pytest.approx(masked[0], rel=1e-4)
+    else:
+        assert compact[0] != pytest.approx(masked[0], rel=1e-3)
+
+
+def test_compact_training_answers_from_compact_blobs(tiny_model_dir, tmp_path):
+    """gist.positions: compact trains through the chunk-by-chunk read, records the layout in gist.json, and
+    the adapter then answers several-chunk documents from compact blobs."""
+    from gistctl.gist.lora import load_gist_model, read_gist_meta
+    from gistctl.kv.answer import answer_from_blob
+    from gistctl.kv.compress import compress_document
+    from gistctl.models import load_model
+
+    data = tmp_path / "two.jsonl"
+    records = passkey_records(2)
+    write_jsonl(data, records)
+    config = settings(tiny_model_dir, data, batch_size=2, max_steps=80)
+    config.gist.chunk_tokens, config.gist.positions = 12, "compact"
+    result = train(config, tmp_path / "run", overfit_steps=80, overfit_threshold=0.2)
+    assert result.losses[-1] < 0.1 * result.losses[0]
+    assert read_gist_meta(result.final_dir)["positions"] == "compact"
+    gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), result.final_dir)
+    for record in records:
+        blob, _ = compress_document(gm, record["context"], dtype="fp32")
+        assert blob.meta.positions == "compact" and blob.meta.num_chunks > 2
+        assert answer_from_blob(gm, blob, record["question"], max_new_tokens=8).text == record["answers"][0]

@@ -15,12 +15,13 @@ import random
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from gistctl import errors
 from gistctl.errors import ConfigError, DataError, GistctlError
+from gistctl.kv.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
 
 METHOD_KINDS = ("gist", "rag", "full")
@@ -42,6 +43,7 @@ class MethodSpec:
     num_gist: int | None = None
     chunk_tokens: int | None = None  # gist: compress in chunks of this many tokens (an adapter's own by default)
     adapter_fingerprint: str | None = None  # gist: rows made with another adapter or chunk length are stale
+    positions: str | None = None  # gist: position layout (an adapter's own by default)
 
     @property
     def slug(self) -> str:
@@ -102,16 +104,17 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
     from gistctl.gist.lora import adapter_fingerprint, read_gist_meta
 
     path = path or adapter
-    return MethodSpec(column, "gist", adapter, chunk_tokens=int(read_gist_meta(path)["chunk_tokens"]),
-                      adapter_fingerprint=adapter_fingerprint(path))
+    meta = read_gist_meta(path)
+    return MethodSpec(column, "gist", adapter, chunk_tokens=int(meta["chunk_tokens"]),
+                      adapter_fingerprint=adapter_fingerprint(path), positions=meta.get("positions", SEQUENTIAL))
 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
-                  chunk_tokens: str | None = None) -> list[MethodSpec]:
+                  chunk_tokens: str | None = None, positions: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
-    adapter)."""
+    adapter). `positions` ("sequential,compact"): likewise once per gist position layout."""
     from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
@@ -128,7 +131,7 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 raise ConfigError("--adapter none cannot be mixed with adapter directories; run them separately")
             if not sizes:
                 raise ConfigError("--adapter none needs --gist-sizes K (how many untrained gist tokens to use)")
-            specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k) for k in sizes]
+            specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k, positions=SEQUENTIAL) for k in sizes]
         elif sizes:
             if adapter_list:
                 raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
@@ -143,8 +146,10 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 specs.append(_adapter_spec(column, spec, path))
     chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
     if chunks:
-        specs = [MethodSpec(f"{s.column[:-1]},chunk={c}]", s.kind, s.adapter, s.num_gist, c, s.adapter_fingerprint)
-                 for s in specs for c in chunks]
+        specs = [replace(s, column=f"{s.column[:-1]},chunk={c}]", chunk_tokens=c) for s in specs for c in chunks]
+    layouts = list(dict.fromkeys(check_layout(p) for p in _split(positions)))
+    if layouts:
+        specs = [replace(s, column=f"{s.column[:-1]},pos={p}]", positions=p) for s in specs for p in layouts]
     specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
     return specs
 
@@ -231,11 +236,11 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
     by_column = {s.column: s for s in specs}
 
     def current(row: dict) -> bool:
-        """A row of one of these columns and examples, made with the column's adapter and chunk length."""
+        """A row of one of these columns and examples, made with the column's adapter, chunk length and layout."""
         spec = by_column.get(row.get("method"))
         return (spec is not None and row.get("id") in wanted
-                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"))
-                == (spec.adapter_fingerprint, spec.chunk_tokens))
+                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"))
+                == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions))
 
     for spec in specs:
         mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}

@@ -41,7 +41,7 @@ def open_method(spec: MethodSpec, job: dict):
     settings = job["settings"]
     if spec.kind == "gist":
         gm = open_gist_model(settings["model"], spec.adapter, num_gist=spec.num_gist,
-                             chunk_tokens=spec.chunk_tokens, device=settings["device"])
+                             chunk_tokens=spec.chunk_tokens, device=settings["device"], positions=spec.positions)
         Path(job["blob_dir"]).mkdir(parents=True, exist_ok=True)
         return Gist(gm, blob_dir=job["blob_dir"], max_new_tokens=settings["max_new_tokens"]), gm.loaded
     method = open_text_method(spec.kind, model=settings["model"], device=settings["device"],
@@ -76,8 +76,8 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     """One prediction row; a user error in prepare or answer (document too long for full context, ...) is
     recorded in `error` with `primary` 0.0 instead of stopping the bench."""
     row = {"method": spec.column, "kind": spec.kind, "adapter": spec.adapter, "num_gist": spec.num_gist,
-           "chunk_tokens": spec.chunk_tokens, "adapter_fingerprint": spec.adapter_fingerprint,
-           "id": record["id"], "task": record["task"], "question": record["question"], "answers": record["answers"],
+           "chunk_tokens": spec.chunk_tokens, "positions": spec.positions,
+           "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"], "task": record["task"], "question": record["question"], "answers": record["answers"],
            "context_tokens": record["meta"].get("context_tokens"), "document_tokens": None,
            "prediction": None, "scores": None, "primary": 0.0, "error": None, "error_stage": None,
            "prepare_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,

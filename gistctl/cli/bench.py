@@ -80,6 +80,9 @@ def bench(
                                              "adapters gist_K (or untrained K gists with --adapter none)."),
     chunk_tokens: Optional[str] = typer.Option(None, "--chunk-tokens", help="Chunk lengths, e.g. 256,512,1024: "
                                                "every gist column once per length (K gists per chunk)."),
+    positions: Optional[str] = typer.Option(None, "--positions", help="Gist position layouts, e.g. "
+                                            "sequential,compact: every gist column once per layout "
+                                            "(default: each adapter's own)."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "
                                         f"(--protocol seed: examples per set, default 20)."),
@@ -104,13 +107,13 @@ def bench(
     if protocol is None and data is None:
         raise DataError("give --data FILE (build one with `gistctl data`) or --protocol seed")
     records = read_jsonl(data) if data is not None else None
-    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens)
+    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions)
     if protocol == "seed" and not {"gist", "rag"} <= {s.kind for s in specs}:
         raise ConfigError("--protocol seed compares gist with rag; keep both in --methods")
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
-              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "limit": limit, "seed": seed, "device": device,
+              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "limit": limit, "seed": seed, "device": device,
               "protocol": protocol}
     run = _open_run(run_dir, config, seed)
     if protocol == "seed":

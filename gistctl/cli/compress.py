@@ -20,13 +20,16 @@ def compress(
     adapter: str = typer.Option(None, help="Gist adapter directory; default: the shipped adapter. 'none': untrained gists."),
     gist: int = typer.Option(None, help="K gist tokens per chunk (only with --adapter none)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk in tokens (default: the adapter's)."),
+    positions: str = typer.Option(None, help="Gist position layout: compact (the kept gists at positions 0..n*K-1, "
+                                  "however long the document) or sequential; default: the adapter's."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16 or fp32."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
 ) -> None:
     """Read a document once and keep only its gist tokens' KV cache."""
     text = read_document(document)
-    gm = open_gist_model(model, adapter, num_gist=gist, chunk_tokens=chunk_tokens, device=device)
+    gm = open_gist_model(model, adapter, num_gist=gist, chunk_tokens=chunk_tokens, device=device,
+                         positions=positions)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("compressing", total=None)
         blob, stats = compress_document(gm, text, dtype=dtype,
@@ -34,7 +37,8 @@ def compress(
     output = output or document.with_suffix(".kv")
     size = write_blob(blob, output)
     console.print(f"wrote {output}")
-    console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}")
+    console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
+                  f"positions {blob.meta.positions}")
     console.print(f"blob bytes       {size:,}")
     console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "

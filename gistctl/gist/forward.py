@@ -1,10 +1,17 @@
-"""A forward pass under the gist mask: the one place batches meet the model."""
+"""Where examples and documents meet the model: a masked forward over a collated batch, and the
+chunk-by-chunk read that compress (and compact-layout training) use."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-from gistctl.gist.mask import mask_for_model
+import torch
+from transformers import DynamicCache
+
+from gistctl.gist.collate import IGNORE_INDEX, EncodedExample
+from gistctl.gist.mask import mask_for_model, prefix_mask
+from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout, rope_inv_freq, rotate_keys
 
 
 def gist_forward(model, batch: dict[str, torch.Tensor], **kwargs):
@@ -12,3 +19,85 @@ def gist_forward(model, batch: dict[str, torch.Tensor], **kwargs):
     device = next(model.parameters()).device
     return model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                  attention_mask=mask_for_model(batch["attend"], model), **kwargs)
+
+
+@dataclass
+class ReadChunks:
+    """The kept gists after reading a document chunk by chunk.
+
+    keys/values: one (batch 1, kv_heads, K x chunks, head_dim) tensor per layer; positions: the RoPE
+    position of every kept gist; next_position: where the question starts.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[int]
+    next_position: int
+
+    def cache(self, model) -> DynamicCache:
+        """A fresh cache holding the kept gists (decoding extends a cache in place)."""
+        return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values)), config=model.config)
+
+
+def read_chunks(model, chunks: list[list[int]], gist_ids: list[int], layout: str = SEQUENTIAL, *,
+                on_chunk: Callable[[int, int], None] | None = None) -> ReadChunks:
+    """Run [chunk_i][gists] for each chunk with the gists kept so far in the cache; keep only the gists.
+
+    Compress runs it under no_grad; training under the compact layout backpropagates through it, so
+    training reads a document exactly as compress does. Positions follow `layout` (gistctl.kv.positions).
+    """
+    k = len(gist_ids)
+    device = next(model.parameters()).device
+    compact = check_layout(layout) == COMPACT
+    inv_freq = rope_inv_freq(model) if compact else None
+    read = ReadChunks([], [], [], 0)
+    for index, chunk in enumerate(chunks):
+        segment = chunk + list(gist_ids)
+        cached = len(read.positions)
+        start = cached if compact else read.next_position
+        out = model(input_ids=torch.tensor([segment], device=device),
+                    position_ids=torch.arange(start, start + len(segment), device=device)[None],
+                    attention_mask=mask_for_model(prefix_mask(cached, len(segment)), model),
+                    cache=read.cache(model) if cached else None, use_cache=True, logits_to_keep=1)
+        layers = out.cache.layers
+        new_keys = [layer.keys[:, :, -k:] for layer in layers]
+        if compact:  # the new gists move back over their chunk, right after the earlier gists
+            new_keys = [rotate_keys(keys, -len(chunk), inv_freq) for keys in new_keys]
+            read.positions += list(range(cached, cached + k))
+            read.next_position = cached + k
+        else:
+            read.positions += list(range(start + len(chunk), start + len(segment)))
+            read.next_position = start + len(segment)
+        read.keys = [torch.cat([layer.keys[:, :, :cached], new], dim=2) for layer, new in zip(layers, new_keys)]
+        read.values = [torch.cat([layer.values[:, :, :cached], layer.values[:, :, -k:]], dim=2) for layer in layers]
+        if on_chunk:
+            on_chunk(index + 1, len(chunks))
+    return read
+
+
+def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: list[int],
+                            layout: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over answer tokens, each example read as compress reads it: `read_chunks`
+    (with gradients), then [question][answer] on the kept gists alone. Returns (loss sum, answer tokens)."""
+    k = len(gist_ids)
+    device = next(model.parameters()).device
+    total, count = None, 0
+    for example in examples:
+        chunks, at = [], 0
+        for length in example.layout.chunks:
+            chunks.append(example.input_ids[at : at + length])
+            at += length + k
+        tail, labels = example.input_ids[at:], example.labels[at:]
+        read = read_chunks(model, chunks, gist_ids, layout)
+        answer = example.layout.answer
+        logits = model(input_ids=torch.tensor([tail], device=device),
+                       position_ids=torch.arange(read.next_position, read.next_position + len(tail),
+                                                 device=device)[None],
+                       attention_mask=mask_for_model(prefix_mask(len(read.positions), len(tail)), model),
+                       cache=read.cache(model), use_cache=True, logits_to_keep=answer + 1).logits[0]
+        targets = torch.tensor(labels[-answer:], device=device)
+        loss = torch.nn.functional.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+        total = loss if total is None else total + loss
+        count += int((targets != IGNORE_INDEX).sum())
+    return total, count

@@ -45,6 +45,7 @@ class BlobMeta:
     layers: int
     kv_heads: int
     head_dim: int
+    positions: str = "sequential"  # the gist layout (gistctl.kv.positions); blobs before it were sequential
     tensor_sha256: str = ""
     format_version: int = FORMAT_VERSION
     gistctl_version: str = __version__

@@ -5,7 +5,8 @@
    resumed run sees exactly the batches a straight run would.
 3. Loss: cross-entropy on answer tokens only, under the gist mask, logits kept for answer positions
    only; summed over the step's micro-batches and divided by the step's answer-token count, so
-   batch 4 == batch 2 x accumulation 2.
+   batch 4 == batch 2 x accumulation 2. With compact gist positions (`gist.positions: compact`) each
+   example is instead read chunk by chunk through compress's own `read_chunks`, with gradients.
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where supported.
 5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
    with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned).
@@ -28,9 +29,10 @@ import torch
 from gistctl.config import GistctlConfig
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
-from gistctl.gist.forward import gist_forward
+from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
 from gistctl.gist.lora import GistModel, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
+from gistctl.kv.positions import COMPACT
 from gistctl.methods.base import peak_memory_bytes
 from gistctl.models import load_model
 from gistctl.train.checkpoint import (latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint,
@@ -98,6 +100,13 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+def micro_batch_counts(batch, pad_id: int) -> tuple[int, int]:
+    """(answer tokens, tokens read) of a collated batch, or of a list of encoded examples (compact layout)."""
+    if isinstance(batch, list):
+        return sum(e.layout.answer for e in batch), sum(len(e.input_ids) for e in batch)
+    return int((batch["labels"] != IGNORE_INDEX).sum()), int((batch["input_ids"] != pad_id).sum())
+
+
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -145,6 +154,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     examples = read_examples(cfg.data)
     eval_examples = read_examples(cfg.eval)[: cfg.eval_limit] if cfg.eval else []
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens)
+    # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
+    compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
     data_meta = {"train": {"path": cfg.data, "sha256": file_fingerprint(cfg.data), "examples": len(examples)}}
@@ -173,7 +184,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                      "rng": rng_state(), "history": history, "best": best}
         path = save_checkpoint(run_dir / name, peft_model=raw_model, loaded=loaded, gist_ids=gist_ids,
                                chunk_tokens=config.gist.chunk_tokens, config=config.to_dict(),
-                               meta=checkpoint_meta(step), training_state=state)
+                               meta=checkpoint_meta(step), training_state=state, positions=config.gist.positions)
         if name.startswith("step-"):
             prune_step_checkpoints(run_dir, KEEP_STEP_CHECKPOINTS)
         return path
@@ -199,18 +210,21 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                 else:
                     first = step * per_step + (micro * world + rank) * cfg.batch_size
                     chosen = [examples[i] for i in example_indices(len(examples), cfg.seed, first, cfg.batch_size)]
-                micro_batches.append(collator(chosen))
-            answer_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+                micro_batches.append([collator.encode(e) for e in chosen] if compact else collator(chosen))
+            answer_tokens = sum(micro_batch_counts(b, pad_id)[0] for b in micro_batches)
             step_loss = 0.0
             for micro, batch in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if micro == len(micro_batches) - 1 else accelerator.no_sync(model)
                 with sync:
                     with _autocast(accelerator.device, cfg.bf16):
-                        loss_sum, _ = answer_loss_sum(model, batch)
+                        if compact:
+                            loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions)
+                        else:
+                            loss_sum, _ = answer_loss_sum(model, batch)
                     loss = loss_sum / answer_tokens
                     accelerator.backward(loss)
                 step_loss += float(loss.detach())
-                tokens_seen += int((batch["input_ids"] != loaded.tokenizer.pad_token_id).sum())
+                tokens_seen += micro_batch_counts(batch, pad_id)[1]
             if not math.isfinite(step_loss):
                 raise TrainingError(f"loss is {step_loss} at step {step + 1}; lower --lr or check the data")
             grad_norm = float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -231,7 +245,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                 record["warning"] = f"grad norm {grad_norm:.1f} > 10"
             improved = False
             if eval_examples and not overfit_steps and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens, adapter_fingerprint="training")
+                gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens, adapter_fingerprint="training",
+                               positions=config.gist.positions)
                 record["eval"] = evaluate_from_blobs(gm, eval_examples)
                 if best is None or record["eval"]["overall"] > best["overall"]:
                     best = {"step": done, "overall": record["eval"]["overall"], "per_task": record["eval"]["per_task"]}
