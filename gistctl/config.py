@@ -117,7 +117,8 @@ class TrainSettings:
 
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
-PHASE_GIST_KEYS = ("chunk_tokens", "positions")  # num_tokens is fixed: a phase starts from the previous phase's gist rows
+# num_tokens is fixed: a phase starts from the previous phase's gist rows
+PHASE_GIST_KEYS = ("chunk_tokens", "positions")
 
 
 @dataclass

@@ -354,3 +354,22 @@ def test_compact_training_answers_from_compact_blobs(tiny_model_dir, tmp_path):
         blob, _ = compress_document(gm, record["context"], dtype="fp32")
         assert blob.meta.positions == "compact" and blob.meta.num_chunks > 2
         assert answer_from_blob(gm, blob, record["question"], max_new_tokens=8).text == record["answers"][0]
+
+
+def test_bf16_autocast_only_where_bf16_is_native(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """train.bf16 asks for bf16 autocast; on a device where bf16 is emulated (an AVX2 CPU: several times
+    slower than fp32) training runs in fp32 instead, and says so in metrics.jsonl."""
+    import gistctl.train.loop as loop
+
+    def run(name, native, bf16):
+        monkeypatch.setattr(loop, "bf16_is_native", lambda device: native)
+        result = train(settings(tiny_model_dir, data_file, max_steps=1, bf16=bf16), tmp_path / name)
+        record = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        return result.last_loss, record["bf16"]
+
+    fp32_loss, fp32_flag = run("fp32", True, False)
+    emulated_loss, emulated_flag = run("emulated", False, True)
+    native_loss, native_flag = run("native", True, True)
+    assert (fp32_flag, emulated_flag, native_flag) == (False, False, True)
+    assert emulated_loss == fp32_loss  # bit-identical: no autocast
+    assert native_loss != fp32_loss  # autocast really changes the arithmetic

@@ -77,7 +77,8 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     recorded in `error` with `primary` 0.0 instead of stopping the bench."""
     row = {"method": spec.column, "kind": spec.kind, "adapter": spec.adapter, "num_gist": spec.num_gist,
            "chunk_tokens": spec.chunk_tokens, "positions": spec.positions,
-           "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"], "task": record["task"], "question": record["question"], "answers": record["answers"],
+           "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"], "task": record["task"],
+           "question": record["question"], "answers": record["answers"],
            "context_tokens": record["meta"].get("context_tokens"), "document_tokens": None,
            "prediction": None, "scores": None, "primary": 0.0, "error": None, "error_stage": None,
            "prepare_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,

@@ -113,8 +113,8 @@ def bench(
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
-              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "limit": limit, "seed": seed, "device": device,
-              "protocol": protocol}
+              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "limit": limit,
+              "seed": seed, "device": device, "protocol": protocol}
     run = _open_run(run_dir, config, seed)
     if protocol == "seed":
         data = _seed_data(run, model, limit or DEFAULT_N, seed)

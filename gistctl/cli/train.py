@@ -27,6 +27,8 @@ def train(
     grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
     max_length: int = typer.Option(None, help="Longest example in tokens (only the context is truncated)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk per K gists."),
+    positions: str = typer.Option(None, help="Gist position layout: sequential (one masked forward per batch) "
+                                  "or compact (each example read chunk by chunk, as compress reads it)."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
     init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
@@ -43,11 +45,11 @@ def train(
     from gistctl.train.curriculum import train_curriculum
     from gistctl.train.loop import train as run_training
 
-    overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "train.data": data,
-                 "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr, "train.gist_lr": gist_lr,
-                 "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.max_length": max_length,
-                 "train.seed": seed, "train.init_adapter": init_adapter, "model.name": model, "model.device": device,
-                 "model.load_in_4bit": load_in_4bit}
+    overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
+                 "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr,
+                 "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+                 "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter,
+                 "model.name": model, "model.device": device, "model.load_in_4bit": load_in_4bit}
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
     if resume:
         if run_dir is None or not (run_dir / "config.yaml").is_file():

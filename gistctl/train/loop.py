@@ -7,7 +7,7 @@
    only; summed over the step's micro-batches and divided by the step's answer-token count, so
    batch 4 == batch 2 x accumulation 2. With compact gist positions (`gist.positions: compact`) each
    example is instead read chunk by chunk through compress's own `read_chunks`, with gradients.
-4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where supported.
+4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where bf16 is native.
 5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
    with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned).
 """
@@ -34,7 +34,7 @@ from gistctl.gist.lora import GistModel, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
 from gistctl.kv.positions import COMPACT
 from gistctl.methods.base import peak_memory_bytes
-from gistctl.models import load_model
+from gistctl.models import bf16_is_native, load_model
 from gistctl.train.checkpoint import (latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint,
                                       set_rng_state, STATE_FILE)
 from gistctl.train.evaluate import evaluate_from_blobs
@@ -107,14 +107,6 @@ def micro_batch_counts(batch, pad_id: int) -> tuple[int, int]:
     return int((batch["labels"] != IGNORE_INDEX).sum()), int((batch["input_ids"] != pad_id).sum())
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
           overfit_steps: int | None = None, overfit_threshold: float = 0.1,
           on_log: Callable[[dict], None] | None = None) -> TrainResult:
@@ -156,6 +148,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens)
     # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
+    use_bf16 = cfg.bf16 and bf16_is_native(accelerator.device)  # emulated bf16 is slower than fp32
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
     data_meta = {"train": {"path": cfg.data, "sha256": file_fingerprint(cfg.data), "examples": len(examples)}}
@@ -216,7 +209,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             for micro, batch in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if micro == len(micro_batches) - 1 else accelerator.no_sync(model)
                 with sync:
-                    with _autocast(accelerator.device, cfg.bf16):
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         if compact:
                             loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions)
                         else:
@@ -239,7 +232,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             record = {"step": done, "loss": step_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                       "step_s": time.perf_counter() - step_start, "tokens_per_s": tokens_seen / elapsed,
                       "eta_s": elapsed / (done - start_step) * (end_step - done),
-                      "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+                      "peak_memory_bytes": peak_memory_bytes(accelerator.device), "bf16": use_bf16,
                       "truncated_examples": collator.examples_truncated}
             if grad_norm > 10:
                 record["warning"] = f"grad norm {grad_norm:.1f} > 10"
