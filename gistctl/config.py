@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError
+from gistctl.kv.positions import LAYOUTS, SEQUENTIAL
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -47,13 +48,13 @@ class GistSettings:
     chunk_tokens: int = 1024  # longest context one chunk compresses; longer documents are split
     # gist position layout (gistctl.kv.positions). sequential trains with one masked forward per batch;
     # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it)
-    positions: str = "sequential"
+    positions: str = SEQUENTIAL
 
     def __post_init__(self):
         _positive("gist", "num_tokens", self.num_tokens)
         _positive("gist", "chunk_tokens", self.chunk_tokens)
-        if self.positions not in ("sequential", "compact"):
-            raise ConfigError(f"gist.positions must be sequential or compact, got {self.positions!r}")
+        if self.positions not in LAYOUTS:
+            raise ConfigError(f"gist.positions must be {' or '.join(LAYOUTS)}, got {self.positions!r}")
 
 
 @dataclass

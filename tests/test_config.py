@@ -22,6 +22,7 @@ def test_defaults_yaml_then_flags(tmp_path):
     ("train:\n  data: missing.jsonl\n", "train.data"),
     ("optimizer:\n  lr: 1\n", "optimizer"),
     ("train:\n  max_steps: many\n", "train.max_steps"),
+    ("gist:\n  positions: diagonal\n", "gist.positions"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "c.yaml"
