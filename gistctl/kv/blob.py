@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from gistctl import __version__
 from gistctl.errors import BlobError
+from gistctl.kv.positions import SEQUENTIAL
 from gistctl.runs import atomic_path, utc_now
 
 FORMAT_VERSION = 1
@@ -45,7 +46,7 @@ class BlobMeta:
     layers: int
     kv_heads: int
     head_dim: int
-    positions: str = "sequential"  # the gist layout (gistctl.kv.positions); blobs before it were sequential
+    positions: str = SEQUENTIAL  # the gist layout (gistctl.kv.positions); blobs before it were sequential
     tensor_sha256: str = ""
     format_version: int = FORMAT_VERSION
     gistctl_version: str = __version__
