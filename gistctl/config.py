@@ -74,6 +74,9 @@ class LoraSettings:
         self.target_modules = list(self.target_modules)
 
 
+GRAD_CHUNKS = ("all", "answer")
+
+
 @dataclass
 class TrainSettings:
     data: str | None = None  # training JSONL
@@ -95,6 +98,8 @@ class TrainSettings:
     eval_limit: int = 50
     stop_at_eval: float | None = None  # finish early (final/) once an evaluation scores at least this
     save_every: int = 50
+    # compact positions only: "answer" backpropagates only through the chunks holding the answer
+    grad_chunks: str = "all"
 
     def __post_init__(self):
         for key in ("max_steps", "lr", "gist_lr", "batch_size", "grad_accum", "max_length",
@@ -102,6 +107,8 @@ class TrainSettings:
             _positive("train", key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
             _positive("train", key, getattr(self, key), allow_zero=True)
+        if self.grad_chunks not in GRAD_CHUNKS:
+            raise ConfigError(f"train.grad_chunks must be one of {', '.join(GRAD_CHUNKS)}, got {self.grad_chunks!r}")
         if self.stop_at_eval is not None:
             if not 0 < self.stop_at_eval <= 1:
                 raise ConfigError(f"train.stop_at_eval must be in (0, 1], got {self.stop_at_eval!r}")

@@ -373,3 +373,74 @@ def test_bf16_autocast_only_where_bf16_is_native(tiny_model_dir, data_file, tmp_
     assert (fp32_flag, emulated_flag, native_flag) == (False, False, True)
     assert emulated_loss == fp32_loss  # bit-identical: no autocast
     assert native_loss != fp32_loss  # autocast really changes the arithmetic
+
+
+def test_answer_chunks_are_the_chunks_whose_text_holds_the_answer(tiny_model_dir):
+    from gistctl.gist.collate import answer_chunks
+    from gistctl.models import load_model
+
+    tokenizer = load_model(str(tiny_model_dir), device="cpu").tokenizer
+    text = "The grass is green. " * 6 + "The pass key is QX7R2B. " + "The sky is blue. " * 6
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    chunks = [ids[i : i + 10] for i in range(0, len(ids), 10)]
+    found = answer_chunks(tokenizer, chunks, "QX7R2B")
+    assert found and all(found[i] + 1 == found[i + 1] for i in range(len(found) - 1))  # one run of chunks
+    assert "QX7R2B" in "".join(tokenizer.decode(chunks[i]) for i in found)
+    assert all("QX7R2B" not in tokenizer.decode(chunks[i]) for i in range(len(chunks)) if i not in found)
+    # a key split over a chunk boundary names both chunks
+    at = len(tokenizer(text[: text.index("QX7R2B") + 3], add_special_tokens=False).input_ids)
+    split = [ids[:at], ids[at:]]
+    assert tokenizer.decode(split[0]).endswith("QX7") and tokenizer.decode(split[1]).startswith("R2B")
+    assert answer_chunks(tokenizer, split, "QX7R2B") == (0, 1)
+    assert answer_chunks(tokenizer, chunks, "green, blue") == ()  # not verbatim in the text
+
+
+def test_answer_chunks_only_reads_the_other_chunks_without_gradients(tiny_model_dir):
+    """train.grad_chunks: answer: the loss is the compact loss, but only the chunks holding the answer
+    are read with gradients (the rest under no_grad), so the gradient differs from the full one."""
+    from gistctl.config import LoraSettings
+    from gistctl.gist.collate import GistCollator
+    from gistctl.gist.forward import chunked_answer_loss_sum
+    from gistctl.gist.lora import load_gist_model, wrap_with_lora
+    from gistctl.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    gm = load_gist_model(loaded, None, num_gist=2)
+    torch.manual_seed(0)
+    model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    record = {"context": "The grass is green. " * 5 + "The pass key is QX7R2B. " + "The sky is blue. " * 5,
+              "question": "What is the pass key?", "answers": ["QX7R2B"]}
+    example = GistCollator(loaded.tokenizer, gm.gist_ids, 512, 8).encode(record)
+    chunks = len(example.layout.chunks)
+    assert chunks > 3 and 0 < len(example.answer_chunks) < chunks
+
+    grad_enabled: list[bool] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: grad_enabled.append(torch.is_grad_enabled()))
+
+    def loss_and_grads(**kwargs):
+        model.zero_grad()
+        grad_enabled.clear()
+        loss, _ = chunked_answer_loss_sum(model, [example], gm.gist_ids, "compact", **kwargs)
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad], list(grad_enabled)
+
+    full = loss_and_grads()
+    partial = loss_and_grads(answer_chunks_only=True)
+    hook.remove()
+    assert full[2] == [True] * (chunks + 1)  # every chunk, then [question][answer]
+    assert partial[2] == [i in example.answer_chunks for i in range(chunks)] + [True]
+    assert partial[0] == pytest.approx(full[0], rel=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(full[1], partial[1]))
+    assert any(float(g.abs().sum()) > 0 for g in partial[1])
+
+
+def test_grad_chunks_setting_is_checked(tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(Exception, match="grad_chunks must be one of"):
+        settings(tiny_model_dir, data_file, grad_chunks="some")
+    with pytest.raises(Exception, match="needs gist.positions: compact"):
+        train(settings(tiny_model_dir, data_file, grad_chunks="answer", max_steps=1), tmp_path / "run")

@@ -34,12 +34,33 @@ def interleave_gists(chunks: list[list[int]], gist_ids: list[int]) -> list[int]:
     return out
 
 
+def answer_chunks(tokenizer, chunks: list[list[int]], answer: str) -> tuple[int, ...]:
+    """Indices of the chunks whose text holds an occurrence of `answer` (both chunks when one straddles
+    their boundary); () when the answer is not in the document verbatim (a list, a count, a paraphrase)."""
+    answer = answer.strip()
+    if not answer:
+        return ()
+    texts = [tokenizer.decode(chunk) for chunk in chunks]
+    ends, at = [], 0
+    for text in texts:
+        at += len(text)
+        ends.append(at)
+    full, found, start = "".join(texts), set(), 0
+    while (hit := full.find(answer, start)) >= 0:
+        first = next(i for i, end in enumerate(ends) if hit < end)
+        last = next(i for i, end in enumerate(ends) if hit + len(answer) <= end)
+        found.update(range(first, last + 1))
+        start = hit + 1
+    return tuple(sorted(found))
+
+
 @dataclass
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     layout: GistLayout
     truncated_tokens: int  # context tokens cut to fit max_length
+    answer_chunks: tuple[int, ...] = ()  # chunks whose text holds the answer (`answer_chunks`)
 
 
 class GistCollator:
@@ -91,7 +112,7 @@ class GistCollator:
         layout = GistLayout(tuple(len(c) for c in chunks), k, len(question), len(answer_ids))
         ids = interleave_gists(chunks, self.gist_ids) + question + answer_ids
         labels = [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
-        return EncodedExample(ids, labels, layout, cut)
+        return EncodedExample(ids, labels, layout, cut, answer_chunks(self.tokenizer, chunks, str(answer)))
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_encoded([self.encode(e) for e in examples], self.tokenizer.pad_token_id)

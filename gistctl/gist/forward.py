@@ -4,7 +4,8 @@ chunk-by-chunk read that compress (and compact-layout training) use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, Collection
 
 import torch
 from transformers import DynamicCache
@@ -40,11 +41,14 @@ class ReadChunks:
 
 
 def read_chunks(model, chunks: list[list[int]], gist_ids: list[int], layout: str = SEQUENTIAL, *,
-                on_chunk: Callable[[int, int], None] | None = None) -> ReadChunks:
+                on_chunk: Callable[[int, int], None] | None = None,
+                grad_chunks: Collection[int] | None = None) -> ReadChunks:
     """Run [chunk_i][gists] for each chunk with the gists kept so far in the cache; keep only the gists.
 
     Compress runs it under no_grad; training under the compact layout backpropagates through it, so
     training reads a document exactly as compress does. Positions follow `layout` (gistctl.kv.positions).
+    `grad_chunks`: when given, only those chunks are read with gradients; the others run under no_grad
+    (same values, no backward through them: the cost of a long document drops to one chunk's backward).
     """
     k = len(gist_ids)
     device = next(model.parameters()).device
@@ -55,10 +59,12 @@ def read_chunks(model, chunks: list[list[int]], gist_ids: list[int], layout: str
         segment = chunk + list(gist_ids)
         cached = len(read.positions)
         start = cached if compact else read.next_position
-        out = model(input_ids=torch.tensor([segment], device=device),
-                    position_ids=torch.arange(start, start + len(segment), device=device)[None],
-                    attention_mask=mask_for_model(prefix_mask(cached, len(segment)), model),
-                    cache=read.cache(model) if cached else None, use_cache=True, logits_to_keep=1)
+        with_grad = grad_chunks is None or index in grad_chunks
+        with nullcontext() if with_grad else torch.no_grad():
+            out = model(input_ids=torch.tensor([segment], device=device),
+                        position_ids=torch.arange(start, start + len(segment), device=device)[None],
+                        attention_mask=mask_for_model(prefix_mask(cached, len(segment)), model),
+                        cache=read.cache(model) if cached else None, use_cache=True, logits_to_keep=1)
         layers = out.cache.layers
         new_keys = [layer.keys[:, :, -k:] for layer in layers]
         if compact:  # the new gists move back over their chunk, right after the earlier gists
@@ -76,9 +82,13 @@ def read_chunks(model, chunks: list[list[int]], gist_ids: list[int], layout: str
 
 
 def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: list[int],
-                            layout: str) -> tuple[torch.Tensor, int]:
+                            layout: str, *, answer_chunks_only: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over answer tokens, each example read as compress reads it: `read_chunks`
-    (with gradients), then [question][answer] on the kept gists alone. Returns (loss sum, answer tokens)."""
+    (with gradients), then [question][answer] on the kept gists alone. Returns (loss sum, answer tokens).
+
+    `answer_chunks_only`: backpropagate only through the chunks that hold the answer (an example's
+    `answer_chunks`; all chunks when the answer is not in the text verbatim). The loss is the same; the
+    gradient leaves out how the other chunks' gists would change."""
     k = len(gist_ids)
     device = next(model.parameters()).device
     total, count = None, 0
@@ -88,7 +98,8 @@ def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: lis
             chunks.append(example.input_ids[at : at + length])
             at += length + k
         tail, labels = example.input_ids[at:], example.labels[at:]
-        read = read_chunks(model, chunks, gist_ids, layout)
+        grad_chunks = example.answer_chunks if answer_chunks_only and example.answer_chunks else None
+        read = read_chunks(model, chunks, gist_ids, layout, grad_chunks=grad_chunks)
         answer = example.layout.answer
         logits = model(input_ids=torch.tensor([tail], device=device),
                        position_ids=torch.arange(read.next_position, read.next_position + len(tail),

@@ -6,7 +6,8 @@
 3. Loss: cross-entropy on answer tokens only, under the gist mask, logits kept for answer positions
    only; summed over the step's micro-batches and divided by the step's answer-token count, so
    batch 4 == batch 2 x accumulation 2. With compact gist positions (`gist.positions: compact`) each
-   example is instead read chunk by chunk through compress's own `read_chunks`, with gradients.
+   example is instead read chunk by chunk through compress's own `read_chunks`, with gradients
+   (with `train.grad_chunks: answer`, only through the chunks that hold the answer: long documents).
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where bf16 is native.
 5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
    with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned).
@@ -148,6 +149,10 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens)
     # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
+    answer_chunks_only = cfg.grad_chunks == "answer"
+    if answer_chunks_only and not compact:
+        raise ConfigError("train.grad_chunks: answer needs gist.positions: compact (the sequential layout trains "
+                          "one masked forward over the whole example, not chunk by chunk)")
     use_bf16 = cfg.bf16 and bf16_is_native(accelerator.device)  # emulated bf16 is slower than fp32
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -211,7 +216,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                 with sync:
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         if compact:
-                            loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions)
+                            loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions,
+                                                                  answer_chunks_only=answer_chunks_only)
                         else:
                             loss_sum, _ = answer_loss_sum(model, batch)
                     loss = loss_sum / answer_tokens
