@@ -9,6 +9,7 @@ is cut (its end); gists, question and answer always stay whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -41,10 +42,7 @@ def answer_chunks(tokenizer, chunks: list[list[int]], answer: str) -> tuple[int,
     if not answer:
         return ()
     texts = [tokenizer.decode(chunk) for chunk in chunks]
-    ends, at = [], 0
-    for text in texts:
-        at += len(text)
-        ends.append(at)
+    ends = list(accumulate(len(text) for text in texts))  # where each chunk's text ends in the whole
     full, found, start = "".join(texts), set(), 0
     while (hit := full.find(answer, start)) >= 0:
         first = next(i for i, end in enumerate(ends) if hit < end)

@@ -3,8 +3,8 @@ chunk-by-chunk read that compress (and compact-layout training) use."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Collection
 
 import torch
