@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError
-from gistctl.kv.positions import LAYOUTS, SEQUENTIAL
+from gistctl.kv.positions import COMPACT, LAYOUTS, SEQUENTIAL
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -176,6 +176,12 @@ class GistctlConfig:
         if self.phases and self.train.data is not None:
             raise ConfigError("train.data and phases exclude each other: a curriculum builds each phase's data "
                               "from its recipe")
+        # each phase trains with its own positions and grad_chunks: check them all before anything runs
+        runs = [(p.gist.get("positions", self.gist.positions), p.train.get("grad_chunks", self.train.grad_chunks))
+                for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
+        if any(grad == "answer" and positions != COMPACT for positions, grad in runs):
+            raise ConfigError("train.grad_chunks: answer needs gist.positions: compact (the sequential layout "
+                              "trains one masked forward over the whole example, not chunk by chunk)")
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: the sum over phases, or train.max_steps without phases."""

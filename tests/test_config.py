@@ -97,3 +97,19 @@ def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
     built = {r[split]["seed"] * 100 + c for r in recipes.values() for split in ("train", "eval")
              for c in range(len(r["components"]))}
     assert not built & set(range(9001, 9008))
+
+
+def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_path, monkeypatch):
+    """A curriculum whose later phase would pair grad_chunks: answer with sequential positions is refused
+    when the config loads, not hours later when that phase starts."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    path = tmp_path / "c.yaml"
+    path.write_text("gist: {positions: compact}\ntrain: {grad_chunks: answer}\nphases:\n"
+                    "  - {name: a, recipe: configs/data_mix_long.yaml}\n"
+                    "  - {name: b, recipe: configs/data_mix_long.yaml, gist: {positions: sequential}}\n")
+    with pytest.raises(ConfigError, match="grad_chunks: answer needs gist.positions: compact"):
+        load_config(path)
+    path.write_text(path.read_text().replace("positions: sequential", "chunk_tokens: 512"))
+    assert [p.name for p in load_config(path).phases] == ["a", "b"]

@@ -27,6 +27,24 @@ def passkey_records(n=4):
     return records
 
 
+def lora_model_that_matters(model_dir):
+    """(loaded, gist model, LoRA-wrapped model) on the tiny model, K=2, with LoRA B drawn non-zero (it starts at
+    zero) so that the adapter changes the forward pass."""
+    from gistctl.config import LoraSettings
+    from gistctl.gist.lora import load_gist_model, wrap_with_lora
+    from gistctl.models import load_model
+
+    loaded = load_model(str(model_dir), device="cpu")
+    gm = load_gist_model(loaded, None, num_gist=2)
+    torch.manual_seed(0)
+    model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return loaded, gm, model
+
+
 @pytest.fixture
 def data_file(tmp_path):
     path = tmp_path / "train.jsonl"
@@ -294,21 +312,11 @@ def test_chunk_by_chunk_loss_equals_the_masked_batch_loss(tiny_model_dir, chunk_
     """Training through compress's own read (`read_chunks`) under the sequential layout is the masked
     forward computed another way: same loss, same gradients. The compact layout agrees on one chunk (RoPE
     sees the same distances) and differs once there are several."""
-    from gistctl.config import LoraSettings
     from gistctl.gist.collate import GistCollator, collate_encoded
     from gistctl.gist.forward import chunked_answer_loss_sum
-    from gistctl.gist.lora import load_gist_model, wrap_with_lora
-    from gistctl.models import load_model
     from gistctl.train.loop import answer_loss_sum
 
-    loaded = load_model(str(tiny_model_dir), device="cpu")
-    gm = load_gist_model(loaded, None, num_gist=2)
-    torch.manual_seed(0)
-    model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=4, alpha=8))
-    with torch.no_grad():  # LoRA B starts at zero; make the adapter matter
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    loaded, gm, model = lora_model_that_matters(tiny_model_dir)
     collator = GistCollator(loaded.tokenizer, gm.gist_ids, 512, chunk_tokens)
     encoded = [collator.encode(r) for r in passkey_records(3)]
     chunk_counts = {len(e.layout.chunks) for e in encoded}
@@ -398,20 +406,10 @@ def test_answer_chunks_are_the_chunks_whose_text_holds_the_answer(tiny_model_dir
 def test_answer_chunks_only_reads_the_other_chunks_without_gradients(tiny_model_dir):
     """train.grad_chunks: answer: the loss is the compact loss, but only the chunks holding the answer
     are read with gradients (the rest under no_grad), so the gradient differs from the full one."""
-    from gistctl.config import LoraSettings
     from gistctl.gist.collate import GistCollator
     from gistctl.gist.forward import chunked_answer_loss_sum
-    from gistctl.gist.lora import load_gist_model, wrap_with_lora
-    from gistctl.models import load_model
 
-    loaded = load_model(str(tiny_model_dir), device="cpu")
-    gm = load_gist_model(loaded, None, num_gist=2)
-    torch.manual_seed(0)
-    model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=4, alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    loaded, gm, model = lora_model_that_matters(tiny_model_dir)
     record = {"context": "The grass is green. " * 5 + "The pass key is QX7R2B. " + "The sky is blue. " * 5,
               "question": "What is the pass key?", "answers": ["QX7R2B"]}
     example = GistCollator(loaded.tokenizer, gm.gist_ids, 512, 8).encode(record)

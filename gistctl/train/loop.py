@@ -149,10 +149,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens)
     # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
-    answer_chunks_only = cfg.grad_chunks == "answer"
-    if answer_chunks_only and not compact:
-        raise ConfigError("train.grad_chunks: answer needs gist.positions: compact (the sequential layout trains "
-                          "one masked forward over the whole example, not chunk by chunk)")
+    answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with compact
     use_bf16 = cfg.bf16 and bf16_is_native(accelerator.device)  # emulated bf16 is slower than fp32
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
