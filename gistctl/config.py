@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError
-from gistctl.kv.positions import COMPACT, LAYOUTS, SEQUENTIAL
+from gistctl.kv.positions import AUTO, COMPACT, LAYOUTS, SEQUENTIAL
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -53,8 +53,7 @@ class GistSettings:
     def __post_init__(self):
         _positive("gist", "num_tokens", self.num_tokens)
         _positive("gist", "chunk_tokens", self.chunk_tokens)
-        if self.positions not in LAYOUTS:
-            raise ConfigError(f"gist.positions must be {' or '.join(LAYOUTS)}, got {self.positions!r}")
+        _check_training_layout("gist.positions", self.positions)
 
 
 @dataclass
@@ -129,6 +128,13 @@ PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum its
 PHASE_GIST_KEYS = ("chunk_tokens", "positions")
 
 
+def _check_training_layout(key: str, value: Any) -> None:
+    if value not in LAYOUTS:
+        raise ConfigError(f"{key} must be {' or '.join(LAYOUTS)}, got {value!r}"
+                          + (f" ({AUTO} chooses a layout per document when compressing; training reads with one "
+                             "layout: ship the trained adapter with --positions auto)" if value == AUTO else ""))
+
+
 @dataclass
 class PhaseSettings:
     """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), the `train`
@@ -149,6 +155,8 @@ class PhaseSettings:
         self.train = self._overrides("train", self.train, known)
         self.gist = self._overrides("gist", self.gist, set(PHASE_GIST_KEYS),
                                     " (K is fixed: a phase starts from the previous phase's gist rows)")
+        if "positions" in self.gist:
+            _check_training_layout(f"phases.{self.name}.gist.positions", self.gist["positions"])
 
     def _overrides(self, section: str, values: Any, valid: set[str], why: str = "") -> dict[str, Any]:
         """The `section` keys this phase changes, checked against `valid` and typed like the section's fields."""

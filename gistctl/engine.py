@@ -30,7 +30,7 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
 
     `chunk_tokens` / `positions` override the adapter's chunk length and gist position layout."""
     if positions:
-        check_layout(positions)  # before the slow model load
+        check_layout(positions, allow_auto=True)  # before the slow model load
     adapter_dir = resolve_adapter(adapter)
     if adapter_dir is None and num_gist is None:
         raise DataError("--adapter none needs --gist K (how many untrained gist tokens to use)")

@@ -23,6 +23,7 @@ def test_defaults_yaml_then_flags(tmp_path):
     ("optimizer:\n  lr: 1\n", "optimizer"),
     ("train:\n  max_steps: many\n", "train.max_steps"),
     ("gist:\n  positions: diagonal\n", "gist.positions"),
+    ("gist:\n  positions: auto\n", "gist.positions"),  # auto is chosen per document at compress time
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "c.yaml"
@@ -113,3 +114,15 @@ def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_
         load_config(path)
     path.write_text(path.read_text().replace("positions: sequential", "chunk_tokens: 512"))
     assert [p.name for p in load_config(path).phases] == ["a", "b"]
+
+
+def test_a_phase_cannot_train_with_the_auto_layout(tmp_path, monkeypatch):
+    """auto chooses a layout per document when compressing; training reads with one, so a phase asking for
+    auto is refused when the config loads, with a pointer to where auto belongs."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    path = tmp_path / "c.yaml"
+    path.write_text("phases:\n  - {name: a, recipe: configs/data_mix_long.yaml, gist: {positions: auto}}\n")
+    with pytest.raises(ConfigError, match=r"phases\.a\.gist\.positions .*--positions auto"):
+        load_config(path)

@@ -14,7 +14,7 @@ from gistctl.config import LoraSettings
 from gistctl.kv.answer import answer_from_blob
 from gistctl.kv.blob import read_blob, write_blob
 from gistctl.kv.compress import compress_document
-from gistctl.kv.positions import COMPACT, SEQUENTIAL, rope_inv_freq, rotate_keys
+from gistctl.kv.positions import AUTO, AUTO_SEQUENTIAL_CHUNKS, COMPACT, SEQUENTIAL, layout_for, rope_inv_freq, rotate_keys
 from gistctl.models import load_model
 
 DOC = ("Marrow Island lies eleven miles off the northern coast. The lighthouse is kept by Ada Lindqvist. "
@@ -95,14 +95,46 @@ def test_multi_chunk_compact_blob_keeps_gists_contiguous(tiny_model_dir, tmp_pat
                                answer_from_blob(gm, compact, QUESTION, max_new_tokens=1).first_logits)
 
 
-def test_compact_layout_reads_documents_longer_than_the_window(tiny_model_dir):
+@pytest.mark.parametrize("layout", [COMPACT, AUTO])
+def test_compact_layout_reads_documents_longer_than_the_window(tiny_model_dir, layout):
     gm = gist_model(tiny_model_dir, chunk_tokens=64)
     text = "word " * 700  # 2,100 tokens; the tiny model's window is 512 positions
     with pytest.raises(DataError, match="--positions compact"):
         compress_document(gm, text)
-    gm.positions = COMPACT
+    gm.positions = layout
     blob, stats = compress_document(gm, text)
     assert stats.document_tokens > 512 and blob.meta.next_position == blob.meta.total_gists < 512
+    assert blob.meta.positions == COMPACT
+
+
+def test_auto_layout_is_chosen_by_the_number_of_chunks():
+    assert [layout_for(AUTO, n) for n in (1, AUTO_SEQUENTIAL_CHUNKS, AUTO_SEQUENTIAL_CHUNKS + 1, 8)] == [
+        SEQUENTIAL, SEQUENTIAL, COMPACT, COMPACT]
+    assert layout_for(SEQUENTIAL, 8) == SEQUENTIAL and layout_for(COMPACT, 1) == COMPACT
+    with pytest.raises(DataError, match="unknown gist position layout 'diagonal'"):
+        layout_for("diagonal", 1)
+
+
+@pytest.mark.parametrize("chunks, expected", [(AUTO_SEQUENTIAL_CHUNKS, SEQUENTIAL),
+                                              (AUTO_SEQUENTIAL_CHUNKS + 1, COMPACT)])
+def test_auto_blob_is_the_blob_of_the_layout_it_chooses(tiny_model_dir, chunks, expected):
+    """Under auto a document of up to AUTO_SEQUENTIAL_CHUNKS chunks is read sequentially, a longer one
+    compact: the blob equals that layout's blob (and records it), and differs from the other layout's."""
+    gm = gist_model(tiny_model_dir, chunk_tokens=16)
+    ids = prompt.context_ids(gm.tokenizer, DOC)
+    assert len(ids) > 16 * (AUTO_SEQUENTIAL_CHUNKS + 1)
+    text = gm.tokenizer.decode(ids[: 16 * chunks])
+    assert -(-len(prompt.context_ids(gm.tokenizer, text)) // 16) == chunks  # the decoded text re-reads as chunks
+    blobs = {}
+    for layout in (SEQUENTIAL, COMPACT, AUTO):
+        gm.positions = layout
+        blobs[layout], _ = compress_document(gm, text, dtype="fp32")
+    auto, chosen = blobs[AUTO], blobs[expected]
+    other = blobs[COMPACT if expected == SEQUENTIAL else SEQUENTIAL]
+    assert auto.meta.num_chunks == chunks and auto.meta.positions == expected
+    assert auto.meta.gist_positions == chosen.meta.gist_positions != other.meta.gist_positions
+    assert torch.equal(auto.keys, chosen.keys) and torch.equal(auto.values, chosen.values)
+    assert not torch.allclose(auto.keys, other.keys, atol=1e-3)
 
 
 def test_rope_that_depends_on_length_is_refused(tiny_model_dir):
@@ -122,6 +154,9 @@ def test_compress_cli_positions(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, base + ["--positions", "compact", "-o", str(tmp_path / "c.kv")])
     assert result.exit_code == 0, result.output
     assert "positions compact" in result.output and read_blob(tmp_path / "c.kv").meta.positions == COMPACT
+    result = CliRunner().invoke(app, base + ["--positions", "auto", "-o", str(tmp_path / "a.kv")])
+    assert result.exit_code == 0, result.output  # DOC is more than two 16-token chunks: read compact
+    assert "positions compact (auto)" in result.output and read_blob(tmp_path / "a.kv").meta.positions == COMPACT
     bad = CliRunner().invoke(app, base + ["--positions", "diagonal"])
     assert bad.exit_code == 2 and "unknown gist position layout 'diagonal'" in bad.output
 
@@ -147,3 +182,8 @@ def test_adapter_records_its_layout_and_reship_changes_it(tiny_model_dir, tmp_pa
     assert meta["chunk_tokens"] == {"trained": 16, "shipped": 32} and meta["step"] == 3
     reloaded = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), again)
     assert (reloaded.positions, reloaded.chunk_tokens) == (SEQUENTIAL, 32)
+    auto = ship_adapter(shipped, "demo", positions=AUTO, target_root=tmp_path / "adapters")
+    assert json.loads((auto / "meta.json").read_text())["positions"] == {"trained": SEQUENTIAL, "shipped": AUTO}
+    assert load_gist_model(load_model(str(tiny_model_dir), device="cpu"), auto).positions == AUTO
+    with pytest.raises(DataError, match="unknown gist position layout"):
+        ship_adapter(shipped, "demo", positions="diagonal", target_root=tmp_path / "adapters")

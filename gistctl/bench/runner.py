@@ -147,7 +147,7 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
     chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
     if chunks:
         specs = [replace(s, column=f"{s.column[:-1]},chunk={c}]", chunk_tokens=c) for s in specs for c in chunks]
-    layouts = list(dict.fromkeys(check_layout(p) for p in _split(positions)))
+    layouts = list(dict.fromkeys(check_layout(p, allow_auto=True) for p in _split(positions)))
     if layouts:
         specs = [replace(s, column=f"{s.column[:-1]},pos={p}]", positions=p) for s in specs for p in layouts]
     specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]

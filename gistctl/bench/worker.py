@@ -83,7 +83,7 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
            "prediction": None, "scores": None, "primary": 0.0, "error": None, "error_stage": None,
            "prepare_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,
            "peak_memory_bytes": None, "prepare_peak_memory_bytes": None, "state_bytes": None,
-           "full_kv_bytes": None, "compression_ratio": None, "blob": None, "warnings": None,
+           "full_kv_bytes": None, "compression_ratio": None, "blob": None, "blob_positions": None, "warnings": None,
            "device": str(loaded.device), "created_at": utc_now()}
     device = loaded.device
     _reset_peak(device)
@@ -100,6 +100,7 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
         os.replace(state.path, target)
         state.path = target
         row["blob"] = os.path.relpath(target, job["run_dir"])
+        row["blob_positions"] = state.blob.meta.positions  # the concrete layout (auto chooses per document)
     tokens = document_tokens(state, loaded, record["context"])
     row["document_tokens"] = tokens
     if row["context_tokens"] is None:

@@ -81,7 +81,7 @@ def bench(
     chunk_tokens: Optional[str] = typer.Option(None, "--chunk-tokens", help="Chunk lengths, e.g. 256,512,1024: "
                                                "every gist column once per length (K gists per chunk)."),
     positions: Optional[str] = typer.Option(None, "--positions", help="Gist position layouts, e.g. "
-                                            "sequential,compact: every gist column once per layout "
+                                            "sequential,compact,auto: every gist column once per layout "
                                             "(default: each adapter's own)."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "

@@ -21,7 +21,8 @@ def compress(
     gist: int = typer.Option(None, help="K gist tokens per chunk (only with --adapter none)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk in tokens (default: the adapter's)."),
     positions: str = typer.Option(None, help="Gist position layout: compact (the kept gists at positions 0..n*K-1, "
-                                  "however long the document) or sequential; default: the adapter's."),
+                                  "however long the document), sequential, or auto (sequential up to 2 chunks, "
+                                  "compact beyond); default: the adapter's."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16 or fp32."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
@@ -38,7 +39,7 @@ def compress(
     size = write_blob(blob, output)
     console.print(f"wrote {output}")
     console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
-                  f"positions {blob.meta.positions}")
+                  f"positions {blob.meta.positions}" + (f" ({gm.positions})" if gm.positions != blob.meta.positions else ""))
     console.print(f"blob bytes       {size:,}")
     console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "

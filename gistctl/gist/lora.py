@@ -41,7 +41,7 @@ class GistModel:
     chunk_tokens: int
     adapter_dir: str | None = None
     adapter_fingerprint: str = NO_ADAPTER
-    positions: str = SEQUENTIAL  # gist position layout for compress (gistctl.kv.positions)
+    positions: str = SEQUENTIAL  # gist position layout for compress, or auto (gistctl.kv.positions)
 
     @property
     def tokenizer(self):
@@ -131,7 +131,7 @@ def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, 
         model = model.merge_and_unload()
     model.eval()
     return GistModel(loaded, model, gist_ids, int(meta.get("chunk_tokens", chunk_tokens)), str(adapter_dir),
-                     adapter_fingerprint(adapter_dir), check_layout(meta.get("positions", SEQUENTIAL)))
+                     adapter_fingerprint(adapter_dir), check_layout(meta.get("positions", SEQUENTIAL), allow_auto=True))
 
 
 SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"

@@ -19,7 +19,7 @@ from gistctl.gist.collate import split_chunks
 from gistctl.gist.forward import read_chunks
 from gistctl.gist.lora import GistModel
 from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob
-from gistctl.kv.positions import COMPACT
+from gistctl.kv.positions import COMPACT, SEQUENTIAL, layout_for
 from gistctl.kv.sizes import kv_cache_bytes, kv_geometry
 
 ANSWER_ROOM = 256  # positions kept free after the gists for the question and its answer
@@ -39,25 +39,30 @@ def rope_settings(config) -> dict:
             "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
 
 
+def document_layout(gm: GistModel, document_tokens: int) -> str:
+    """The concrete layout this document is read with: the model's, or per document under `auto`."""
+    return layout_for(gm.positions, max(1, -(-document_tokens // gm.chunk_tokens)))
+
+
 @torch.no_grad()
 def compress_ids(gm: GistModel, ids: list[int], *, on_chunk: Callable[[int, int], None] | None = None):
     """Run [chunk_i][gists] chunk by chunk. Returns (keys, values, gist_positions, next_position, chunks).
 
     keys/values: (layers, kv_heads, K x chunks, head_dim) in the model's dtype. Positions follow the
-    model's gist layout (`gm.positions`, see gistctl.kv.positions).
+    document's layout (`document_layout`, see gistctl.kv.positions).
     """
     chunks = split_chunks(ids, gm.chunk_tokens)
-    read = read_chunks(gm.model, chunks, gm.gist_ids, gm.positions, on_chunk=on_chunk)
+    read = read_chunks(gm.model, chunks, gm.gist_ids, document_layout(gm, len(ids)), on_chunk=on_chunk)
     keys = torch.cat(read.keys, dim=0)  # (layers, kv_heads, K x chunks, head_dim): batch 1 -> layer axis
     values = torch.cat(read.values, dim=0)
     return keys, values, read.positions, read.next_position, len(chunks)
 
 
 def positions_needed(gm: GistModel, document_tokens: int) -> int:
-    """RoPE positions a document of this length takes under the model's layout, with room to answer."""
+    """RoPE positions a document of this length takes under its layout, with room to answer."""
     n_chunks = max(1, -(-document_tokens // gm.chunk_tokens))
     gists = n_chunks * gm.num_gist
-    if gm.positions == COMPACT:  # the last chunk is read after all earlier gists; the question after all gists
+    if document_layout(gm, document_tokens) == COMPACT:  # the last chunk is read after all earlier gists
         return gists + max(min(document_tokens, gm.chunk_tokens), ANSWER_ROOM)
     return document_tokens + gists + ANSWER_ROOM
 
@@ -72,12 +77,12 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
     start = time.perf_counter()
     config = gm.model.config
     ids = prompt.context_ids(gm.tokenizer, text)
-    needed = positions_needed(gm, len(ids))
+    layout, needed = document_layout(gm, len(ids)), positions_needed(gm, len(ids))
     window = getattr(config, "max_position_embeddings", None)
     if window and needed > window:
         raise DataError(f"the document has {len(ids)} tokens; with gists and room to answer it needs {needed} "
                         f"positions but the model's window is {window}; split the document"
-                        + (" or compress with --positions compact" if gm.positions != COMPACT else ""))
+                        + (" or compress with --positions compact" if layout == SEQUENTIAL else ""))
     keys, values, positions, next_position, chunks = compress_ids(gm, ids, on_chunk=on_chunk)
     layers, kv_heads, head_dim = kv_geometry(config)
     torch_dtype = BLOB_DTYPES[dtype]
@@ -86,7 +91,7 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
         adapter_fingerprint=gm.adapter_fingerprint, gist_ids=list(gm.gist_ids), num_gist=gm.num_gist,
         num_chunks=chunks, gist_positions=positions, next_position=next_position, rope=rope_settings(config),
         document_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), document_tokens=len(ids),
-        chunk_tokens=gm.chunk_tokens, positions=gm.positions, dtype=dtype, layers=layers, kv_heads=kv_heads,
+        chunk_tokens=gm.chunk_tokens, positions=layout, dtype=dtype, layers=layers, kv_heads=kv_heads,
         head_dim=head_dim)
     blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
     stats = CompressStats(len(ids), chunks, time.perf_counter() - start,

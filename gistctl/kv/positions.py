@@ -9,6 +9,11 @@ keys are then rotated back by the chunk's length, so the kept gists occupy posit
 and the question starts at n x K. Every chunk and the question then see the earlier gists at the
 distances a one-chunk document gives, however long the document. For a one-chunk document both
 layouts give the same attention scores (RoPE depends only on distances), so they answer alike.
+
+`auto`: chosen per document by its number of chunks: sequential up to `AUTO_SEQUENTIAL_CHUNKS`, compact
+beyond. An adapter trained with sequential positions on documents of one or two chunks reads those best as
+it was trained, and longer ones best compact (README, Results). It is a choice for compress only: a blob
+records the concrete layout its document was read with, and training reads with a concrete one.
 """
 
 from __future__ import annotations
@@ -22,15 +27,27 @@ if TYPE_CHECKING:
 
 SEQUENTIAL = "sequential"
 COMPACT = "compact"
-LAYOUTS = (SEQUENTIAL, COMPACT)
+AUTO = "auto"
+LAYOUTS = (SEQUENTIAL, COMPACT)  # concrete layouts: what a blob records and what training reads with
+CHOICES = (*LAYOUTS, AUTO)  # what an adapter ships with and compress / bench accept
+AUTO_SEQUENTIAL_CHUNKS = 2  # auto: the most chunks read sequentially
 # RoPE variants whose frequencies do not depend on the sequence length, so a stored key can be re-rotated.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def check_layout(name: str) -> str:
-    if name not in LAYOUTS:
-        raise DataError(f"unknown gist position layout '{name}'; choose {' or '.join(LAYOUTS)}")
+def check_layout(name: str, *, allow_auto: bool = False) -> str:
+    choices = CHOICES if allow_auto else LAYOUTS
+    if name not in choices:
+        raise DataError(f"unknown gist position layout '{name}'; choose {', '.join(choices)}"
+                        + ("" if allow_auto or name != AUTO else f" ({AUTO} is chosen per document by compress)"))
     return name
+
+
+def layout_for(layout: str, num_chunks: int) -> str:
+    """The concrete layout a document of `num_chunks` chunks is read with under `layout`."""
+    if check_layout(layout, allow_auto=True) != AUTO:
+        return layout
+    return SEQUENTIAL if num_chunks <= AUTO_SEQUENTIAL_CHUNKS else COMPACT
 
 
 def rope_inv_freq(model) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Ship a trained checkpoint as a named adapter inside the package (`gistctl/adapters/<name>/`).
 
     python -m gistctl.train.ship runs/default/final default [--note "..."]
-    python -m gistctl.train.ship gistctl/adapters/default default --positions compact   # re-ship, re-tuned
+    python -m gistctl.train.ship gistctl/adapters/default default --positions auto   # re-ship, re-tuned
 
 Copies the adapter files (not the optimizer state) into a temp directory, writes `meta.json` (recipe =
 the run's resolved config, data fingerprints, step, every evaluation, adapter fingerprint), then swaps it
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
-from gistctl.kv.positions import LAYOUTS, SEQUENTIAL
+from gistctl.kv.positions import CHOICES, SEQUENTIAL, check_layout
 from gistctl.runs import atomic_write_json, replace_dir
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.yaml", "tokenizer.json",
@@ -30,6 +30,8 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
     """`chunk_tokens` / `positions`: the chunk length and gist position layout compress uses with this
     adapter, when a measured bench (--chunk-tokens, --positions) favours other ones than it was trained
     with; meta.json records both."""
+    if positions is not None:
+        check_layout(positions, allow_auto=True)
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
     target = target_root / name
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--note")
     parser.add_argument("--chunk-tokens", type=int, help="chunk length compress uses (default: the trained one)")
-    parser.add_argument("--positions", choices=LAYOUTS, help="gist position layout (default: the trained one)")
+    parser.add_argument("--positions", choices=CHOICES, help="gist position layout (default: the trained one; auto: per document)")
     args = parser.parse_args()
     print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
                        positions=args.positions))
