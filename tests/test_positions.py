@@ -14,7 +14,8 @@ from gistctl.config import LoraSettings
 from gistctl.kv.answer import answer_from_blob
 from gistctl.kv.blob import read_blob, write_blob
 from gistctl.kv.compress import compress_document
-from gistctl.kv.positions import AUTO, AUTO_SEQUENTIAL_CHUNKS, COMPACT, SEQUENTIAL, layout_for, rope_inv_freq, rotate_keys
+from gistctl.kv.positions import (AUTO, AUTO_SEQUENTIAL_CHUNKS, COMPACT, SEQUENTIAL, layout_for, rope_inv_freq,
+                                  rotate_keys)
 from gistctl.models import load_model
 
 DOC = ("Marrow Island lies eleven miles off the northern coast. The lighthouse is kept by Ada Lindqvist. "

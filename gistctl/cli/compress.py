@@ -38,8 +38,9 @@ def compress(
     output = output or document.with_suffix(".kv")
     size = write_blob(blob, output)
     console.print(f"wrote {output}")
+    chosen = f" ({gm.positions})" if gm.positions != blob.meta.positions else ""  # auto: which one it chose
     console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
-                  f"positions {blob.meta.positions}" + (f" ({gm.positions})" if gm.positions != blob.meta.positions else ""))
+                  f"positions {blob.meta.positions}{chosen}")
     console.print(f"blob bytes       {size:,}")
     console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "

@@ -39,9 +39,13 @@ def rope_settings(config) -> dict:
             "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
 
 
+def num_chunks(gm: GistModel, document_tokens: int) -> int:
+    return max(1, -(-document_tokens // gm.chunk_tokens))  # split_chunks gives one (empty) chunk for no tokens
+
+
 def document_layout(gm: GistModel, document_tokens: int) -> str:
     """The concrete layout this document is read with: the model's, or per document under `auto`."""
-    return layout_for(gm.positions, max(1, -(-document_tokens // gm.chunk_tokens)))
+    return layout_for(gm.positions, num_chunks(gm, document_tokens))
 
 
 @torch.no_grad()
@@ -60,8 +64,7 @@ def compress_ids(gm: GistModel, ids: list[int], *, on_chunk: Callable[[int, int]
 
 def positions_needed(gm: GistModel, document_tokens: int) -> int:
     """RoPE positions a document of this length takes under its layout, with room to answer."""
-    n_chunks = max(1, -(-document_tokens // gm.chunk_tokens))
-    gists = n_chunks * gm.num_gist
+    gists = num_chunks(gm, document_tokens) * gm.num_gist
     if document_layout(gm, document_tokens) == COMPACT:  # the last chunk is read after all earlier gists
         return gists + max(min(document_tokens, gm.chunk_tokens), ANSWER_ROOM)
     return document_tokens + gists + ANSWER_ROOM
