@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from gistctl.errors import ConfigError
-from gistctl.kv.positions import AUTO, COMPACT, LAYOUTS, SEQUENTIAL
+from gistctl.errors import ConfigError, DataError
+from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -129,10 +129,11 @@ PHASE_GIST_KEYS = ("chunk_tokens", "positions")
 
 
 def _check_training_layout(key: str, value: Any) -> None:
-    if value not in LAYOUTS:
-        raise ConfigError(f"{key} must be {' or '.join(LAYOUTS)}, got {value!r}"
-                          + (f" ({AUTO} chooses a layout per document when compressing; training reads with one "
-                             "layout: ship the trained adapter with --positions auto)" if value == AUTO else ""))
+    """Training reads every example with one concrete layout (never auto): check_layout's rule, as a config error."""
+    try:
+        check_layout(value)
+    except DataError as err:
+        raise ConfigError(f"{key} must name a training layout: {err}") from None
 
 
 @dataclass

@@ -39,7 +39,9 @@ def check_layout(name: str, *, allow_auto: bool = False) -> str:
     choices = CHOICES if allow_auto else LAYOUTS
     if name not in choices:
         raise DataError(f"unknown gist position layout '{name}'; choose {', '.join(choices)}"
-                        + ("" if allow_auto or name != AUTO else f" ({AUTO} is chosen per document by compress)"))
+                        + ("" if allow_auto or name != AUTO else
+                           f" ({AUTO} chooses a layout per document when compressing; training reads with one "
+                           f"layout: ship the trained adapter with --positions {AUTO})"))
     return name
 
 
