@@ -206,6 +206,24 @@ def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_pat
         train(bad, tmp_path / "bad")
 
 
+def test_init_adapter_widens_k_by_repeating_each_gist_row(tiny_model_dir, data_file, tmp_path):
+    from gistctl.train.loop import GIST_ROWS_KEY
+
+    first = train(settings(tiny_model_dir, data_file, max_steps=3), tmp_path / "k2")
+    wide = settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12, warmup_steps=0)
+    wide.gist.num_tokens = 4
+    wide.train.init_adapter = str(first.final_dir)
+    second = train(wide, tmp_path / "k4")
+    a = load_file(str(first.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(second.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    rows = [k for k in a if k.endswith(GIST_ROWS_KEY)]
+    assert len(rows) == 1 and a[rows[0]].shape[0] == 2 and b[rows[0]].shape[0] == 4
+    assert not torch.allclose(a[rows[0]][0], a[rows[0]][1])  # two different trained rows...
+    assert torch.allclose(b[rows[0]], a[rows[0]].repeat_interleave(2, dim=0), atol=1e-6)  # ...each kept twice
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if k not in rows)  # LoRA weights as they were
+
+
 def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, tmp_path):
     from gistctl.gist.lora import adapter_fingerprint, load_gist_model
     from gistctl.models import load_model

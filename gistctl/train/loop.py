@@ -297,17 +297,30 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+GIST_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the gist rows (their values, not a difference)
+
+
 def _load_adapter_weights(peft_model, adapter_dir: str | Path, num_gist: int) -> None:
-    """Start from another run's adapter (same K, same LoRA shapes): a curriculum's next phase."""
+    """Start from another run's adapter (same LoRA shapes): a curriculum's next phase, or a wider K.
+
+    Same K: the weights as they are. A multiple of its K (a K sweep's warm start): each of its gist rows is
+    repeated in place, gist j starting as its gist j // (K / its K), so the wider adapter starts from what
+    the narrower one learned rather than from untrained gists."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from gistctl.gist.lora import read_gist_meta
 
     meta = read_gist_meta(adapter_dir)
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     if meta["num_gist"] != num_gist:
-        raise ConfigError(f"train.init_adapter '{adapter_dir}' has K={meta['num_gist']} gists, this run K={num_gist}")
-    result = set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+        if num_gist % meta["num_gist"]:
+            raise ConfigError(f"train.init_adapter '{adapter_dir}' has K={meta['num_gist']} gists, this run "
+                              f"K={num_gist}: K must equal it or be a multiple of it")
+        repeat = num_gist // meta["num_gist"]
+        state = {key: value.repeat_interleave(repeat, dim=0) if key.endswith(GIST_ROWS_KEY) else value
+                 for key, value in state.items()}
+    result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
         raise ConfigError(f"train.init_adapter '{adapter_dir}' does not fit this LoRA config "
                           f"(unexpected {result.unexpected_keys[:3]})")
