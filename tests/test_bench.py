@@ -221,6 +221,20 @@ def test_method_columns():
          ("gist[none,K=2,chunk=16,pos=compact]", 16, "compact")]
 
 
+def test_adapter_columns_are_named_apart(tmp_path):
+    """Adapters are labelled by directory name, or, where two share one (two runs' final/), by the path given."""
+    import shutil
+
+    from gistctl.gist.lora import SHIPPED_ADAPTERS
+
+    runs = [tmp_path / "run-a" / "final", tmp_path / "run-b" / "final", tmp_path / "run-b" / "best"]
+    for run in runs:
+        shutil.copytree(SHIPPED_ADAPTERS / "p0-digits", run)
+    specs = parse_methods("gist", ",".join(["default"] + [str(r) for r in runs]))
+    assert [s.column for s in specs] == ["gist[default]", f"gist[{runs[0]}]", f"gist[{runs[1]}]", "gist[best]"]
+    assert [s.adapter for s in specs] == ["default"] + [str(r) for r in runs]
+
+
 def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
     """--chunk-tokens: the same adapter at two chunk lengths; the shorter keeps more gists in a bigger blob."""
     data = write_data(tmp_path / "set.jsonl", 1)

@@ -137,13 +137,12 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
             specs += [_adapter_spec(f"gist[K={k}]", shipped_size_adapter(k)) for k in sizes]
         else:
-            for spec in adapter_list or [None]:
-                path = resolve_adapter(spec)  # raises a clear error when missing
-                name = "default" if spec is None else Path(path).name
-                column = f"gist[{name}]"
-                if any(s.column == column for s in specs):
-                    column = f"gist[{spec}]"
-                specs.append(_adapter_spec(column, spec, path))
+            paths = {spec: resolve_adapter(spec) for spec in adapter_list or [None]}  # clear error when missing
+            names = {spec: "default" if spec is None else Path(path).name for spec, path in paths.items()}
+            for spec, path in paths.items():
+                # directories of one name (two runs' final/) are all labelled by the path given
+                name = names[spec] if list(names.values()).count(names[spec]) == 1 else spec
+                specs.append(_adapter_spec(f"gist[{name}]", spec, path))
     chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
     if chunks:
         specs = [replace(s, column=f"{s.column[:-1]},chunk={c}]", chunk_tokens=c) for s in specs for c in chunks]
