@@ -207,7 +207,7 @@ def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_pat
 
 
 def test_init_adapter_widens_k_by_repeating_each_gist_row(tiny_model_dir, data_file, tmp_path):
-    from gistctl.train.loop import GIST_ROWS_KEY
+    from gistctl.gist.lora import GIST_ROWS_KEY
 
     first = train(settings(tiny_model_dir, data_file, max_steps=3), tmp_path / "k2")
     wide = settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12, warmup_steps=0)

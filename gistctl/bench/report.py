@@ -178,6 +178,7 @@ def write_plots(run: RunDir, metrics: dict) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     methods = metrics["methods"]
     columns = [column for column, _ in ordered(metrics)]
@@ -200,8 +201,6 @@ def write_plots(run: RunDir, metrics: dict) -> list[str]:
             ax.errorbar([m["compression_ratio"]], [a["mean"]], yerr=[[max(0.0, a["mean"] - a["low"])], [max(0.0, a["high"] - a["mean"])]],
                         color="grey", alpha=0.5, capsize=3)
     ax.set_xscale("log")  # ticks read as ratios ("50x"): at 1, 2, 5 x 10^k, or 10^k over more than 2 decades
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     low, high = ax.get_xlim()
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))

@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -139,9 +140,10 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
         else:
             paths = {spec: resolve_adapter(spec) for spec in adapter_list or [None]}  # clear error when missing
             names = {spec: "default" if spec is None else Path(path).name for spec, path in paths.items()}
+            shared = {name for name, n in Counter(names.values()).items() if n > 1}
             for spec, path in paths.items():
                 # directories of one name (two runs' final/) are all labelled by the path given
-                name = names[spec] if list(names.values()).count(names[spec]) == 1 else spec
+                name = spec if names[spec] in shared else names[spec]
                 specs.append(_adapter_spec(f"gist[{name}]", spec, path))
     chunks = parse_gist_sizes(chunk_tokens, what="--chunk-tokens")
     if chunks:

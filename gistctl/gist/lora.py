@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 GIST_META = "gist.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NO_ADAPTER = "none"
+GIST_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the gist rows (their values, not a difference)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from gistctl.config import GistctlConfig
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
-from gistctl.gist.lora import GistModel, wrap_with_lora
+from gistctl.gist.lora import GIST_ROWS_KEY, GistModel, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
 from gistctl.kv.positions import COMPACT
 from gistctl.methods.base import peak_memory_bytes
@@ -135,8 +135,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     model = wrap_with_lora(loaded.model, gist_ids, config.lora)
     if cfg.init_adapter:
         _load_adapter_weights(model, cfg.init_adapter, len(gist_ids))
-    gist_params = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
+    gist_params = [p for n, p in model.named_parameters() if p.requires_grad and GIST_ROWS_KEY in n]
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and GIST_ROWS_KEY not in n]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": gist_params, "lr": cfg.gist_lr}],
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -295,9 +295,6 @@ def _sigterm_as_interrupt() -> None:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
-
-
-GIST_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the gist rows (their values, not a difference)
 
 
 def _load_adapter_weights(peft_model, adapter_dir: str | Path, num_gist: int) -> None:
