@@ -99,6 +99,8 @@ class TrainSettings:
     save_every: int = 50
     # compact positions only: "answer" backpropagates only through the chunks holding the answer
     grad_chunks: str = "all"
+    # answers that are codes (pass keys, ids, numbers) are trained one character per token (prompt.answer_ids)
+    spell_codes: bool = False
 
     def __post_init__(self):
         for key in ("max_steps", "lr", "gist_lr", "batch_size", "grad_accum", "max_length",

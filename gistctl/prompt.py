@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import re
+
 MAX_NEW_TOKENS = 32  # greedy decoding everywhere; answers here are short spans
 
 
@@ -27,9 +29,30 @@ def question_ids(tokenizer, question: str) -> list[int]:
     return chat_ids(tokenizer, question)
 
 
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """The answer the model is trained to produce, closed by the end-of-turn token."""
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+CODE = re.compile(r"[A-Z0-9][A-Z0-9-]*[A-Z0-9]")  # pass keys, ids, numbers: capitals, digits, inner dashes
+
+
+def is_code(answer: str) -> bool:
+    """Whether an answer is a code (a pass key, an id, a number) rather than words."""
+    return CODE.fullmatch(answer) is not None
+
+
+def spelled_ids(tokenizer, text: str) -> list[int]:
+    """`text` one character per token (a character the vocabulary lacks keeps its own tokenisation)."""
+    return [i for char in text for i in tokenizer(char, add_special_tokens=False)["input_ids"]]
+
+
+def answer_ids(tokenizer, answer: str, *, spell_codes: bool = False) -> list[int]:
+    """The answer the model is trained to produce, closed by the end-of-turn token.
+
+    `spell_codes`: a code (`is_code`) is spelled one character per token instead of in BPE pieces, so
+    every character is one decoding step ("2TP4H9": 2 T P 4 H 9, not 2 TP 4 H 9). Decoding stays free
+    greedy decoding; a model trained this way spells codes by itself."""
+    if spell_codes and is_code(answer):
+        ids = spelled_ids(tokenizer, answer)
+    else:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
 
 
 def with_context_ids(tokenizer, context: str, question: str) -> list[int]:

@@ -62,6 +62,33 @@ def test_collator_labels_only_on_answers(fresh):
     assert collator.examples_truncated == 0
 
 
+def test_spell_codes_trains_a_code_one_character_per_token_and_leaves_words_alone():
+    from transformers import AutoTokenizer
+
+    from gistctl.models import default_model_dir
+    from gistctl.prompt import is_code
+
+    assert [is_code(e.get("answer") or e["answers"][0]) for e in EXAMPLES] == [True, False, False]
+    assert is_code("2TP4H9") and is_code("7886862") and not is_code("Paris") and not is_code("RP-") \
+        and not is_code("20 November 1883") and not is_code("7")
+    tok = AutoTokenizer.from_pretrained(default_model_dir())  # the default model's BPE merges "TP", "OK"
+    gist_ids = [0, 1, 2]  # any ids: the collator only interleaves them
+    plain = GistCollator(tok, gist_ids, max_length=512)
+    spelled = GistCollator(tok, gist_ids, max_length=512, spell_codes=True)
+    for key in ("2TP4H9", "H18KOK"):
+        example = {"context": f"The pass key is {key}. Remember it.", "question": "What is the pass key?",
+                   "answer": key}
+        code = spelled.encode(example)
+        answer = [t for t in code.labels if t != IGNORE_INDEX]
+        assert answer[-1] == tok.eos_token_id
+        assert [tok.decode([t]) for t in answer[:-1]] == list(key)  # one decoding step per character
+        assert code.layout.answer == len(answer) and code.input_ids[-len(answer):] == answer
+        bpe = [t for t in plain.encode(example).labels if t != IGNORE_INDEX]
+        assert len(bpe) < len(answer) and tok.decode(bpe[:-1]) == key  # BPE pieces by default
+    for example in EXAMPLES[1:]:  # words keep their tokenisation
+        assert spelled.encode(example).input_ids == plain.encode(example).input_ids
+
+
 def test_over_long_example_keeps_gists_question_answer_whole(fresh):
     gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 3)
     long = {"context": "word " * 400, "question": "What is the call sign?", "answer": "MRW-7"}

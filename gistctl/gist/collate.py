@@ -68,8 +68,10 @@ class GistCollator:
     `mask_for_model` at forward time); answer_lengths (B,) long.
     """
 
-    def __init__(self, tokenizer, gist_ids: list[int], max_length: int, chunk_tokens: int | None = None):
+    def __init__(self, tokenizer, gist_ids: list[int], max_length: int, chunk_tokens: int | None = None,
+                 spell_codes: bool = False):
         self.tokenizer = tokenizer
+        self.spell_codes = spell_codes  # prompt.answer_ids: codes trained one character per token
         self.gist_ids = list(gist_ids)
         self.max_length = max_length
         self.chunk_tokens = chunk_tokens
@@ -85,7 +87,7 @@ class GistCollator:
             answer = answers[0]
         context = prompt.context_ids(self.tokenizer, example["context"])
         question = prompt.question_ids(self.tokenizer, example["question"])
-        answer_ids = prompt.answer_ids(self.tokenizer, str(answer))
+        answer_ids = prompt.answer_ids(self.tokenizer, str(answer), spell_codes=self.spell_codes)
         k = len(self.gist_ids)
         chunk = self.chunk_tokens or max(len(context), 1)
         fixed = len(question) + len(answer_ids)

@@ -146,7 +146,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
 
     examples = read_examples(cfg.data)
     eval_examples = read_examples(cfg.eval)[: cfg.eval_limit] if cfg.eval else []
-    collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens)
+    collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens,
+                            spell_codes=cfg.spell_codes)
     # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
     answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with compact
