@@ -183,3 +183,28 @@ def test_compress_bad_inputs(tiny_model_dir, tmp_path):
     assert too_long.exit_code == 2 and "window" in too_long.output
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "absent.kv"), QUESTION])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_answer_ranks_agree_with_greedy_decoding_from_the_blob(tiny_model_dir, tmp_path):
+    from gistctl.bench.misses import first_miss
+    from gistctl.kv.answer import answer_ranks
+
+    gm = gist_model(tiny_model_dir, chunk_tokens=16)
+    blob, _ = compress_document(gm, DOC)
+    write_blob(blob, tmp_path / "doc.kv")
+    blob = read_blob(tmp_path / "doc.kv")
+    greedy = answer_from_blob(gm, blob, QUESTION, max_new_tokens=6).token_ids
+    ranks = answer_ranks(gm, blob, QUESTION, greedy)
+    assert [r for r, _ in ranks] == [0] * len(greedy) and [c for _, c in ranks] == greedy
+    stops = prompt.stop_ids(gm.model, gm.tokenizer)
+    assert first_miss(gm.tokenizer, greedy, ranks, stops)[0] is None
+    # leave the second token out: the first miss is there, and greedy decoding chose the left-out token
+    assert len(greedy) >= 3 and greedy[1] != greedy[2]
+    skipped = [greedy[0]] + greedy[2:]
+    ranks = answer_ranks(gm, blob, QUESTION, skipped)
+    position, rank, kind, text = first_miss(gm.tokenizer, skipped, ranks, stops)
+    assert (position, ranks[1][1]) == (1, greedy[1]) and rank > 0 and text == gm.tokenizer.decode([greedy[1]])
+    assert kind in ("skip", "other")  # "skip" only if greedy[1]'s text also starts what follows
+    # stopping: greedy ids followed by a token it would not choose, then end-of-turn
+    ends = first_miss(gm.tokenizer, [1, 2], [(0, 1), (3, next(iter(stops)))], stops)
+    assert ends[0] == 1 and ends[2] == "end"

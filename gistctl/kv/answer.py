@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from gistctl import prompt
 from gistctl.generation import Generation, greedy_generate
 from gistctl.gist.lora import GistModel
+from gistctl.gist.mask import mask_for_model, prefix_mask
 from gistctl.kv.blob import GistBlob, check_blob_matches
 
 
@@ -33,3 +34,24 @@ def answer_from_blob(gm: GistModel, blob: GistBlob, question: str, *,
         cache=blob_cache(blob, gm.model), cache_length=blob.meta.total_gists,
         first_position=blob.meta.next_position, max_new_tokens=max_new_tokens,
         stop_ids=prompt.stop_ids(gm.model, gm.tokenizer), suppress_ids=gm.gist_ids)
+
+
+@torch.no_grad()
+def answer_ranks(gm: GistModel, blob: GistBlob, question: str, answer_ids: list[int]) -> list[tuple[int, int]]:
+    """Teacher-force `answer_ids` after the question on the blob: per answer token (its rank among the
+    tokens greedy decoding may choose, 0 = the greedy choice; the greedy choice's id). The tokens are
+    scored at the positions `answer_from_blob` decodes them at."""
+    q = prompt.question_ids(gm.tokenizer, question)
+    ids = q + list(answer_ids)
+    device = next(gm.model.parameters()).device
+    first = blob.meta.next_position
+    out = gm.model(input_ids=torch.tensor([ids], device=device),
+                   position_ids=torch.arange(first, first + len(ids), device=device)[None],
+                   attention_mask=mask_for_model(prefix_mask(blob.meta.total_gists, len(ids)), gm.model),
+                   cache=blob_cache(blob, gm.model), use_cache=True)
+    logits = out.logits[0, len(q) - 1 : len(ids) - 1].float()
+    logits[:, gm.gist_ids] = float("-inf")  # never chosen (suppressed in decoding)
+    ranks = []
+    for row, token in zip(logits, answer_ids):
+        ranks.append((int((row > row[token]).sum()), int(row.argmax())))
+    return ranks
