@@ -195,7 +195,10 @@ def test_answer_ranks_agree_with_greedy_decoding_from_the_blob(tiny_model_dir, t
     blob = read_blob(tmp_path / "doc.kv")
     greedy = answer_from_blob(gm, blob, QUESTION, max_new_tokens=6).token_ids
     ranks = answer_ranks(gm, blob, QUESTION, greedy)
-    assert [r for r, _ in ranks] == [0] * len(greedy) and [c for _, c in ranks] == greedy
+    assert [r for r, _, _ in ranks] == [0] * len(greedy) and [c for _, c, _ in ranks] == greedy
+    first = answer_from_blob(gm, blob, QUESTION, max_new_tokens=1).first_logits
+    first[gm.gist_ids] = float("-inf")
+    assert ranks[0][2] == pytest.approx(float(first.log_softmax(-1)[greedy[0]]), abs=1e-4)
     stops = prompt.stop_ids(gm.model, gm.tokenizer)
     assert first_miss(gm.tokenizer, greedy, ranks, stops)[0] is None
     # leave the second token out: the first miss is there, and greedy decoding chose the left-out token
@@ -206,5 +209,41 @@ def test_answer_ranks_agree_with_greedy_decoding_from_the_blob(tiny_model_dir, t
     assert (position, ranks[1][1]) == (1, greedy[1]) and rank > 0 and text == gm.tokenizer.decode([greedy[1]])
     assert kind in ("skip", "other")  # "skip" only if greedy[1]'s text also starts what follows
     # stopping: greedy ids followed by a token it would not choose, then end-of-turn
-    ends = first_miss(gm.tokenizer, [1, 2], [(0, 1), (3, next(iter(stops)))], stops)
+    ends = first_miss(gm.tokenizer, [1, 2], [(0, 1, -0.1), (3, next(iter(stops)), -2.0)], stops)
     assert ends[0] == 1 and ends[2] == "end"
+
+
+def test_score_run_scores_the_right_answer_from_each_kept_blob(tiny_model_dir, tmp_path, monkeypatch):
+    """A bench run's rows, rescored from their blobs: a right answer's NLL is the likelier of the tokenizer's pieces
+    and greedy decoding's own tokens, and a wrong one reports where greedy decoding left it."""
+    from gistctl.bench.misses import score_run, summary
+    from gistctl.kv.answer import answer_ranks
+
+    gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), None, num_gist=3, chunk_tokens=16)
+    blob, _ = compress_document(gm, DOC)
+    (tmp_path / "blobs").mkdir()
+    write_blob(blob, tmp_path / "blobs" / "doc.kv")
+    first = answer_from_blob(gm, blob, QUESTION, max_new_tokens=4).token_ids
+    assert len(first) == 4
+    # the random tiny model never ends an answer: make its 4th greedy token a stop, so it answers 3 tokens
+    stops = prompt.stop_ids(gm.model, gm.tokenizer) | {first[3]}
+    monkeypatch.setattr(prompt, "stop_ids", lambda model, tokenizer: stops)
+    greedy = answer_from_blob(gm, blob, QUESTION, max_new_tokens=8)
+    assert greedy.token_ids == first[:3]
+    own = greedy.token_ids + [gm.tokenizer.eos_token_id]
+    own_nll = -sum(lp for _, _, lp in answer_ranks(gm, blob, QUESTION, own))
+    canonical = prompt.answer_ids(gm.tokenizer, greedy.text)
+    canonical_nll = -sum(lp for _, _, lp in answer_ranks(gm, blob, QUESTION, canonical))
+    wrong = "MRW-7"
+    assert greedy.text != wrong
+    rows = [{"kind": "gist", "method": "gist[x]", "id": f"q{i}", "question": QUESTION, "answers": [answer],
+             "prediction": greedy.text, "primary": float(answer == greedy.text), "blob": "blobs/doc.kv",
+             "error": None} for i, answer in enumerate([greedy.text, wrong])]
+    rows.append({**rows[0], "kind": "rag", "blob": None})  # other methods are left out
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    right, miss = score_run(tmp_path)
+    assert right.correct and right.nll == pytest.approx(min(own_nll, canonical_nll), abs=1e-4)
+    wrong_ranks = answer_ranks(gm, blob, QUESTION, prompt.answer_ids(gm.tokenizer, wrong))
+    assert not miss.correct and miss.nll == pytest.approx(-sum(lp for _, _, lp in wrong_ranks), abs=1e-4)
+    assert miss.position == next(i for i, (r, _, _) in enumerate(wrong_ranks) if r > 0)
+    assert summary([right, miss])["gist[x]"]["right"] == 1

@@ -2,11 +2,13 @@
 
     python -m gistctl.bench.misses runs/bench-auto-passkey [--spell-codes]
 
-For every wrong gist answer of a bench run (its `predictions.jsonl`, blobs kept under the run), the right
-answer is scored token by token from the same blob (`answer_ranks`): the first token greedy decoding did not
-choose, that token's rank, and what was chosen instead: `end` (the answer stopped), `skip` (a later piece of
-the right answer: one was left out), or `other`. `--spell-codes` scores codes one character per token, as an
-adapter trained with `train.spell_codes` answers them.
+For every gist answer of a bench run (its `predictions.jsonl`, blobs kept under the run), the right answer
+is scored token by token from the same blob (`answer_ranks`): its negative log-likelihood (graded, where exact
+match is all or nothing, so it can tell adapters apart on sets too small for their accuracies to) and,
+for a wrong answer, the first token greedy decoding did not choose, that token's rank, and what was chosen
+instead: `end` (the answer stopped), `skip` (a later piece of the right answer: one was left out), or
+`other`. `--spell-codes` scores codes one character per token, as an adapter trained with
+`train.spell_codes` answers them.
 """
 
 from __future__ import annotations
@@ -19,24 +21,29 @@ from pathlib import Path
 
 from gistctl import prompt
 from gistctl.engine import open_gist_model
-from gistctl.kv.answer import answer_ranks, check_blob_for_model
+from gistctl.kv.answer import answer_from_blob, answer_ranks, check_blob_for_model
 from gistctl.kv.blob import read_blob
 
 
 @dataclass
-class Miss:
+class Scored:
     id: str
+    method: str  # the bench column
+    correct: bool
     answer: str
     prediction: str
+    # -log P(the right answer + end-of-turn) from the blob, nats: in the tokenizer's pieces, or in greedy
+    # decoding's own when it spelled the answer right in other pieces ("R Z TD IV" for "RZ TD IV"), the likelier
+    nll: float
     position: int | None  # index of the first right-answer token greedy decoding did not choose (None: all chosen)
     rank: int | None  # that token's rank (1 = second choice)
     chose: str  # "end", "skip" or "other" ("" when position is None)
     chosen_text: str
 
 
-def first_miss(tokenizer, answer_ids: list[int], ranks: list[tuple[int, int]], stop_ids: set[int]):
+def first_miss(tokenizer, answer_ids: list[int], ranks: list[tuple[int, int, float]], stop_ids: set[int]):
     """(position, rank, kind, chosen text) of the first token of `answer_ids` greedy decoding would not pick."""
-    for i, (rank, chosen) in enumerate(ranks):
+    for i, (rank, chosen, _) in enumerate(ranks):
         if rank == 0:
             continue
         text = tokenizer.decode([chosen])
@@ -51,13 +58,13 @@ def first_miss(tokenizer, answer_ids: list[int], ranks: list[tuple[int, int]], s
     return None, None, "", ""
 
 
-def run_misses(run_dir: str | Path, *, spell_codes: bool = False) -> list[Miss]:
-    """One `Miss` per wrong gist answer with a kept blob in the bench run `run_dir`."""
+def score_run(run_dir: str | Path, *, spell_codes: bool = False) -> list[Scored]:
+    """Every gist answer with a kept blob in the bench run `run_dir`, the right answer scored from its blob."""
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
-    models, misses = {}, []
+    models, scored = {}, []
     for row in rows:
-        if row.get("kind") != "gist" or not row.get("blob") or row.get("error") or row["primary"] >= 1:
+        if row.get("kind") != "gist" or not row.get("blob") or row.get("error"):
             continue
         blob = read_blob(run_dir / row["blob"])
         key = (blob.meta.model_id, blob.meta.adapter, blob.meta.num_gist, blob.meta.chunk_tokens)
@@ -70,8 +77,28 @@ def run_misses(run_dir: str | Path, *, spell_codes: bool = False) -> list[Miss]:
         ids = prompt.answer_ids(gm.tokenizer, answer, spell_codes=spell_codes)
         ranks = answer_ranks(gm, blob, row["question"], ids)
         position, rank, kind, text = first_miss(gm.tokenizer, ids, ranks, prompt.stop_ids(gm.model, gm.tokenizer))
-        misses.append(Miss(row["id"], answer, row["prediction"], position, rank, kind, text))
-    return misses
+        nll = -sum(lp for _, _, lp in ranks)
+        # a token is at least a character: the text equals the answer only if decoding stopped right after it
+        greedy = answer_from_blob(gm, blob, row["question"], max_new_tokens=len(answer) + 1)
+        if greedy.text == answer and greedy.token_ids != ids[:-1]:  # right, in other pieces than the tokenizer's
+            own = greedy.token_ids + [gm.tokenizer.eos_token_id]
+            nll = min(nll, -sum(lp for _, _, lp in answer_ranks(gm, blob, row["question"], own)))
+        scored.append(Scored(row["id"], row["method"], row["primary"] >= 1, answer, row["prediction"],
+                             nll, position, rank, kind, text))
+    return scored
+
+
+def summary(scored: list[Scored]) -> dict[str, dict]:
+    """Per bench column: n, right, mean and median answer NLL (nats), misses by the first passed-over token."""
+    out = {}
+    for method in dict.fromkeys(s.method for s in scored):
+        rows = [s for s in scored if s.method == method]
+        nll = sorted(s.nll for s in rows)
+        misses = [s for s in rows if not s.correct]
+        out[method] = {"n": len(rows), "right": len(rows) - len(misses), "mean_nll": sum(nll) / len(nll),
+                       "median_nll": nll[len(nll) // 2], "misses_second_choice": sum(s.rank == 1 for s in misses),
+                       "misses_by_choice": dict(Counter(s.chose for s in misses if s.rank == 1))}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,14 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--spell-codes", action="store_true", help="score codes one character per token")
     args = parser.parse_args(argv)
-    misses = run_misses(args.run_dir, spell_codes=args.spell_codes)
-    for m in misses:
-        print(f"{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "
+    scored = score_run(args.run_dir, spell_codes=args.spell_codes)
+    for m in (s for s in scored if not s.correct):
+        print(f"{m.method}\t{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "
               f"chose {m.chose} {m.chosen_text!r}")
-    ranks = Counter("1" if m.rank == 1 else "2+" if m.rank else "none" for m in misses)
-    kinds = Counter(m.chose for m in misses if m.rank == 1)
-    print(f"{len(misses)} misses; right token second choice in {ranks['1']}, lower in {ranks['2+']}; "
-          f"when second, greedy chose: end {kinds['end']}, skip {kinds['skip']}, other {kinds['other']}")
+    for method, row in summary(scored).items():
+        print(f"{method}: {row['right']}/{row['n']} right; answer NLL mean {row['mean_nll']:.3f}, median "
+              f"{row['median_nll']:.3f} nats; misses with the right token second: {row['misses_second_choice']} "
+              f"of {row['n'] - row['right']} {row['misses_by_choice']}")
 
 
 if __name__ == "__main__":

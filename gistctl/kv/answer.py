@@ -37,10 +37,11 @@ def answer_from_blob(gm: GistModel, blob: GistBlob, question: str, *,
 
 
 @torch.no_grad()
-def answer_ranks(gm: GistModel, blob: GistBlob, question: str, answer_ids: list[int]) -> list[tuple[int, int]]:
+def answer_ranks(gm: GistModel, blob: GistBlob, question: str,
+                 answer_ids: list[int]) -> list[tuple[int, int, float]]:
     """Teacher-force `answer_ids` after the question on the blob: per answer token (its rank among the
-    tokens greedy decoding may choose, 0 = the greedy choice; the greedy choice's id). The tokens are
-    scored at the positions `answer_from_blob` decodes them at."""
+    tokens greedy decoding may choose, 0 = the greedy choice; the greedy choice's id; the token's log-probability
+    among those tokens). The tokens are scored at the positions `answer_from_blob` decodes them at."""
     q = prompt.question_ids(gm.tokenizer, question)
     ids = q + list(answer_ids)
     device = next(gm.model.parameters()).device
@@ -51,7 +52,6 @@ def answer_ranks(gm: GistModel, blob: GistBlob, question: str, answer_ids: list[
                    cache=blob_cache(blob, gm.model), use_cache=True)
     logits = out.logits[0, len(q) - 1 : len(ids) - 1].float()
     logits[:, gm.gist_ids] = float("-inf")  # never chosen (suppressed in decoding)
-    ranks = []
-    for row, token in zip(logits, answer_ids):
-        ranks.append((int((row > row[token]).sum()), int(row.argmax())))
-    return ranks
+    logprobs = logits.log_softmax(-1)
+    return [(int((row > row[token]).sum()), int(row.argmax()), float(lp[token]))
+            for row, lp, token in zip(logits, logprobs, answer_ids)]
