@@ -224,6 +224,26 @@ def test_init_adapter_widens_k_by_repeating_each_gist_row(tiny_model_dir, data_f
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if k not in rows)  # LoRA weights as they were
 
 
+def test_init_adapter_into_more_lora_modules_starts_exactly_where_it_left_off(tiny_model_dir, data_file, tmp_path):
+    """Warm start into a config that adds LoRA on the MLP: the adapter's weights load as they are and the new
+    modules start at zero, so the first step's loss is the loss of continuing with the old modules alone."""
+    first = train(settings(tiny_model_dir, data_file, max_steps=3), tmp_path / "attn")
+    runs = {}
+    for name, modules in (("same", None), ("mlp", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"])):
+        config = settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12, warmup_steps=0)
+        config.train.init_adapter = str(first.final_dir)
+        if modules:
+            config.lora.target_modules = modules
+        runs[name] = train(config, tmp_path / name)
+    assert runs["mlp"].losses[0] == pytest.approx(runs["same"].losses[0], rel=1e-5)
+    assert runs["same"].losses[0] < 0.9 * first.losses[0]  # the warm start is not from scratch
+    a = load_file(str(first.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(runs["mlp"].final_dir / "adapter_model.safetensors"))
+    assert set(a) < set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any("mlp" in k for k in set(b) - set(a))
+
+
 def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, tmp_path):
     from gistctl.gist.lora import adapter_fingerprint, load_gist_model
     from gistctl.models import load_model
