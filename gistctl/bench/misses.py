@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--spell-codes", action="store_true", help="score codes one character per token")
     args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / "predictions.jsonl").is_file():
+        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
     scored = score_run(args.run_dir, spell_codes=args.spell_codes)
     for m in (s for s in scored if not s.correct):
         print(f"{m.method}\t{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "

@@ -300,6 +300,7 @@ def _sigterm_as_interrupt() -> None:
 
 def _load_adapter_weights(peft_model, adapter_dir: str | Path, num_gist: int) -> None:
     """Start from another run's adapter (same LoRA shapes): a curriculum's next phase, or a wider K.
+    Modules this run adapts and the adapter did not (more `lora.target_modules`) keep PEFT's zero start.
 
     Same K: the weights as they are. A multiple of its K (a K sweep's warm start): each of its gist rows is
     repeated in place, gist j starting as its gist j // (K / its K), so the wider adapter starts from what
