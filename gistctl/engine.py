@@ -53,6 +53,16 @@ def read_questions(path: str | Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def open_gist_model_for_blob(meta, *, model: str | None = None, adapter: str | None = None,
+                             device: str | None = None) -> GistModel:
+    """The model + adapter a blob was made with (its `BlobMeta`), unless overridden, with its K and chunk length."""
+    if model is None:
+        model = meta.model_id
+    if adapter is None:
+        adapter = meta.adapter or "none"
+    return open_gist_model(model, adapter, num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device)
+
+
 def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter: str | None = None,
                      device: str | None = None, max_new_tokens: int = 32):
     """The gist method and its state for an existing blob, with the blob's model + adapter unless overridden."""
@@ -61,11 +71,7 @@ def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter
     from gistctl.methods.gist import Gist, GistState
 
     meta = read_blob_meta(blob_path)
-    if model is None:
-        model = meta.model_id
-    if adapter is None:
-        adapter = meta.adapter or "none"
-    gm = open_gist_model(model, adapter, num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device)
+    gm = open_gist_model_for_blob(meta, model=model, adapter=adapter, device=device)
     blob = read_blob(blob_path)
     check_blob_for_model(blob, gm, where=f"blob '{blob_path}'")
     return Gist(gm, max_new_tokens=max_new_tokens), GistState(blob, Path(blob_path), Path(blob_path).stat().st_size)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gistctl import prompt
-from gistctl.engine import open_gist_model
+from gistctl.engine import open_gist_model_for_blob
 from gistctl.kv.answer import answer_from_blob, answer_ranks, check_blob_for_model
 from gistctl.kv.blob import read_blob
 
@@ -68,9 +68,8 @@ def score_run(run_dir: str | Path, *, spell_codes: bool = False) -> list[Scored]
             continue
         blob = read_blob(run_dir / row["blob"])
         key = (blob.meta.model_id, blob.meta.adapter, blob.meta.num_gist, blob.meta.chunk_tokens)
-        if key not in models:
-            models[key] = open_gist_model(blob.meta.model_id, blob.meta.adapter or "none",
-                                          num_gist=blob.meta.num_gist, chunk_tokens=blob.meta.chunk_tokens)
+        if key not in models:  # one model per bench column, not one per blob
+            models[key] = open_gist_model_for_blob(blob.meta)
         gm = models[key]
         check_blob_for_model(blob, gm, where=f"blob '{row['blob']}'")
         answer = row["answers"][0]
@@ -78,11 +77,12 @@ def score_run(run_dir: str | Path, *, spell_codes: bool = False) -> list[Scored]
         ranks = answer_ranks(gm, blob, row["question"], ids)
         position, rank, kind, text = first_miss(gm.tokenizer, ids, ranks, prompt.stop_ids(gm.model, gm.tokenizer))
         nll = -sum(lp for _, _, lp in ranks)
-        # a token is at least a character: the text equals the answer only if decoding stopped right after it
-        greedy = answer_from_blob(gm, blob, row["question"], max_new_tokens=len(answer) + 1)
-        if greedy.text == answer and greedy.token_ids != ids[:-1]:  # right, in other pieces than the tokenizer's
-            own = greedy.token_ids + [gm.tokenizer.eos_token_id]
-            nll = min(nll, -sum(lp for _, _, lp in answer_ranks(gm, blob, row["question"], own)))
+        if row["prediction"] == answer:  # right: its own pieces may be likelier than the tokenizer's
+            # a token is at least a character: the text equals the answer only if decoding stopped right after it
+            greedy = answer_from_blob(gm, blob, row["question"], max_new_tokens=len(answer) + 1)
+            if greedy.text == answer and greedy.token_ids != ids[:-1]:
+                own = greedy.token_ids + [gm.tokenizer.eos_token_id]
+                nll = min(nll, -sum(lp for _, _, lp in answer_ranks(gm, blob, row["question"], own)))
         scored.append(Scored(row["id"], row["method"], row["primary"] >= 1, answer, row["prediction"],
                              nll, position, rank, kind, text))
     return scored
