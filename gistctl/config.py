@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError, DataError
-from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout
+from gistctl.kv.positions import AUTO, COMPACT, SEQUENTIAL, check_layout
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -47,7 +47,8 @@ class GistSettings:
     num_tokens: int = 10  # K gist tokens per chunk
     chunk_tokens: int = 1024  # longest context one chunk compresses; longer documents are split
     # gist position layout (gistctl.kv.positions). sequential trains with one masked forward per batch;
-    # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it)
+    # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it), and
+    # auto through the same read, each example in the layout compress chooses for it
     positions: str = SEQUENTIAL
 
     def __post_init__(self):
@@ -74,6 +75,7 @@ class LoraSettings:
 
 
 GRAD_CHUNKS = ("all", "answer")
+CHUNKED_LAYOUTS = (COMPACT, AUTO)  # trained chunk by chunk, as compress reads (grad_chunks applies)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class TrainSettings:
     eval_limit: int = 50
     stop_at_eval: float | None = None  # finish early (final/) once an evaluation scores at least this
     save_every: int = 50
-    # compact positions only: "answer" backpropagates only through the chunks holding the answer
+    # compact / auto positions only: "answer" backpropagates only through the chunks holding the answer
     grad_chunks: str = "all"
     # answers that are codes (pass keys, ids, numbers) are trained one character per token (prompt.answer_ids)
     spell_codes: bool = False
@@ -131,9 +133,9 @@ PHASE_GIST_KEYS = ("chunk_tokens", "positions")
 
 
 def _check_training_layout(key: str, value: Any) -> None:
-    """Training reads every example with one concrete layout (never auto): check_layout's rule, as a config error."""
+    """check_layout's rule, as a config error."""
     try:
-        check_layout(value)
+        check_layout(value, allow_auto=True)
     except DataError as err:
         raise ConfigError(f"{key} must name a training layout: {err}") from None
 
@@ -190,9 +192,9 @@ class GistctlConfig:
         # each phase trains with its own positions and grad_chunks: check them all before anything runs
         runs = [(p.gist.get("positions", self.gist.positions), p.train.get("grad_chunks", self.train.grad_chunks))
                 for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
-        if any(grad == "answer" and positions != COMPACT for positions, grad in runs):
-            raise ConfigError("train.grad_chunks: answer needs gist.positions: compact (the sequential layout "
-                              "trains one masked forward over the whole example, not chunk by chunk)")
+        if any(grad == "answer" and positions not in CHUNKED_LAYOUTS for positions, grad in runs):
+            raise ConfigError("train.grad_chunks: answer needs gist.positions: compact or auto (the sequential "
+                              "layout trains one masked forward over the whole example, not chunk by chunk)")
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: the sum over phases, or train.max_steps without phases."""

@@ -23,7 +23,6 @@ def test_defaults_yaml_then_flags(tmp_path):
     ("optimizer:\n  lr: 1\n", "optimizer"),
     ("train:\n  max_steps: many\n", "train.max_steps"),
     ("gist:\n  positions: diagonal\n", "gist.positions"),
-    ("gist:\n  positions: auto\n", "gist.positions"),  # auto is chosen per document at compress time
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "c.yaml"
@@ -116,13 +115,16 @@ def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_
     assert [p.name for p in load_config(path).phases] == ["a", "b"]
 
 
-def test_a_phase_cannot_train_with_the_auto_layout(tmp_path, monkeypatch):
-    """auto chooses a layout per document when compressing; training reads with one, so a phase asking for
-    auto is refused when the config loads, with a pointer to where auto belongs."""
+def test_a_phase_may_train_with_the_auto_layout_and_no_unknown_one(tmp_path, monkeypatch):
+    """auto trains chunk by chunk like compact, so it takes grad_chunks: answer; a layout that does not exist
+    is refused when the config loads, with the choices."""
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     path = tmp_path / "c.yaml"
-    path.write_text("phases:\n  - {name: a, recipe: configs/data_mix_long.yaml, gist: {positions: auto}}\n")
-    with pytest.raises(ConfigError, match=r"phases\.a\.gist\.positions .*--positions auto"):
+    path.write_text("train: {grad_chunks: answer}\n"
+                    "phases:\n  - {name: a, recipe: configs/data_mix_long.yaml, gist: {positions: auto}}\n")
+    assert load_config(path).phases[0].gist["positions"] == "auto"
+    path.write_text(path.read_text().replace("positions: auto", "positions: diagonal"))
+    with pytest.raises(ConfigError, match=r"phases\.a\.gist\.positions .*sequential, compact, auto"):
         load_config(path)

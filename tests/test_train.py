@@ -379,6 +379,37 @@ def test_chunk_by_chunk_loss_equals_the_masked_batch_loss(tiny_model_dir, chunk_
         assert compact[0] != pytest.approx(masked[0], rel=1e-3)
 
 
+def test_auto_layout_loss_reads_each_example_in_the_layout_compress_chooses(tiny_model_dir):
+    """gist.positions: auto trains each example as compress reads it: documents of up to
+    AUTO_SEQUENTIAL_CHUNKS chunks sequentially, longer ones compact, in one batch; loss and gradients are the
+    sum of the two concrete layouts' over their examples, and differ from reading the short ones compact too."""
+    from gistctl.gist.collate import GistCollator
+    from gistctl.gist.forward import chunked_answer_loss_sum
+    from gistctl.kv.positions import AUTO_SEQUENTIAL_CHUNKS
+
+    loaded, gm, model = lora_model_that_matters(tiny_model_dir)
+    collator = GistCollator(loaded.tokenizer, gm.gist_ids, 512, 8)
+    records = passkey_records(2) + [{"context": f"The pass key is {key}.", "question": "What is the pass key?",
+                                     "answers": [key]} for key in KEYS[:2]]
+    encoded = [collator.encode(r) for r in records]
+    short = [e for e in encoded if len(e.layout.chunks) == AUTO_SEQUENTIAL_CHUNKS]
+    long = [e for e in encoded if len(e.layout.chunks) > AUTO_SEQUENTIAL_CHUNKS]
+    assert len(short) == len(long) == 2
+
+    def loss_and_grads(parts):
+        model.zero_grad()
+        total = sum(chunked_answer_loss_sum(model, examples, gm.gist_ids, layout)[0] for examples, layout in parts)
+        total.backward()
+        return float(total), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    auto = loss_and_grads([(encoded, "auto")])
+    split = loss_and_grads([(short, "sequential"), (long, "compact")])
+    all_compact = loss_and_grads([(encoded, "compact")])
+    assert auto[0] == pytest.approx(split[0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(auto[1], split[1]))
+    assert auto[0] != pytest.approx(all_compact[0], rel=1e-4)
+
+
 def test_compact_training_answers_from_compact_blobs(tiny_model_dir, tmp_path):
     """gist.positions: compact trains through the chunk-by-chunk read, records the layout in gist.json, and
     the adapter then answers several-chunk documents from compact blobs."""

@@ -28,7 +28,8 @@ def train(
     max_length: int = typer.Option(None, help="Longest example in tokens (only the context is truncated)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk per K gists."),
     positions: str = typer.Option(None, help="Gist position layout: sequential (one masked forward per batch) "
-                                  "or compact (each example read chunk by chunk, as compress reads it)."),
+                                  "compact (each example read chunk by chunk, as compress reads it) or auto (chunk by chunk, each "
+                                  "example in the layout compress chooses for its length)."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
     init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),

@@ -1,5 +1,5 @@
 """Where examples and documents meet the model: a masked forward over a collated batch, and the
-chunk-by-chunk read that compress (and compact-layout training) use."""
+chunk-by-chunk read that compress (and compact- or auto-layout training) use."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from gistctl.gist.collate import IGNORE_INDEX, EncodedExample
 from gistctl.gist.mask import mask_for_model, prefix_mask
-from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout, rope_inv_freq, rotate_keys
+from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout, layout_for, rope_inv_freq, rotate_keys
 
 
 def gist_forward(model, batch: dict[str, torch.Tensor], **kwargs):
@@ -85,6 +85,7 @@ def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: lis
                             layout: str, *, answer_chunks_only: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over answer tokens, each example read as compress reads it: `read_chunks`
     (with gradients), then [question][answer] on the kept gists alone. Returns (loss sum, answer tokens).
+    `layout` may be auto: each example is then read in the layout compress chooses for its chunk count.
 
     `answer_chunks_only`: backpropagate only through the chunks that hold the answer (an example's
     `answer_chunks`; all chunks when the answer is not in the text verbatim). The loss is the same; the
@@ -99,7 +100,7 @@ def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: lis
             at += length + k
         tail, labels = example.input_ids[at:], example.labels[at:]
         grad_chunks = example.answer_chunks if answer_chunks_only and example.answer_chunks else None
-        read = read_chunks(model, chunks, gist_ids, layout, grad_chunks=grad_chunks)
+        read = read_chunks(model, chunks, gist_ids, layout_for(layout, len(chunks)), grad_chunks=grad_chunks)
         answer = example.layout.answer
         logits = model(input_ids=torch.tensor([tail], device=device),
                        position_ids=torch.arange(read.next_position, read.next_position + len(tail),

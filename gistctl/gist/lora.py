@@ -91,7 +91,7 @@ def save_adapter(peft_model, loaded: LoadedModel, gist_ids: list[int], chunk_tok
     peft_model.save_pretrained(directory, save_embedding_layers=False)
     loaded.tokenizer.save_pretrained(directory)
     meta = {"num_gist": len(gist_ids), "gist_ids": list(gist_ids), "chunk_tokens": chunk_tokens,
-            "positions": check_layout(positions),
+            "positions": check_layout(positions, allow_auto=True),
             "base_model": loaded.name, "base_fingerprint": loaded.fingerprint, **(extra_meta or {})}
     atomic_write_json(directory / GIST_META, meta)
     return adapter_fingerprint(directory)

@@ -12,8 +12,9 @@ layouts give the same attention scores (RoPE depends only on distances), so they
 
 `auto`: chosen per document by its number of chunks: sequential up to `AUTO_SEQUENTIAL_CHUNKS`, compact
 beyond. An adapter trained with sequential positions on documents of one or two chunks reads those best as
-it was trained, and longer ones best compact (README, Results). It is a choice for compress only: a blob
-records the concrete layout its document was read with, and training reads with a concrete one.
+it was trained, and longer ones best compact (README, Results). A blob records the concrete layout its
+document was read with; training with `auto` reads each example chunk by chunk in the layout compress
+would choose for it (`layout_for`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 SEQUENTIAL = "sequential"
 COMPACT = "compact"
 AUTO = "auto"
-LAYOUTS = (SEQUENTIAL, COMPACT)  # concrete layouts: what a blob records and what training reads with
-CHOICES = (*LAYOUTS, AUTO)  # what an adapter ships with and compress / bench accept
+LAYOUTS = (SEQUENTIAL, COMPACT)  # concrete layouts: what a blob records and a chunk is read with
+CHOICES = (*LAYOUTS, AUTO)  # what an adapter ships with, training reads with and compress / bench accept
 AUTO_SEQUENTIAL_CHUNKS = 2  # auto: the most chunks read sequentially
 # RoPE variants whose frequencies do not depend on the sequence length, so a stored key can be re-rotated.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -40,8 +41,7 @@ def check_layout(name: str, *, allow_auto: bool = False) -> str:
     if name not in choices:
         raise DataError(f"unknown gist position layout '{name}'; choose {', '.join(choices)}"
                         + ("" if allow_auto or name != AUTO else
-                           f" ({AUTO} chooses a layout per document when compressing; training reads with one "
-                           f"layout: ship the trained adapter with --positions {AUTO})"))
+                           f" ({AUTO} chooses one of them per document: resolve it with layout_for first)"))
     return name
 
 

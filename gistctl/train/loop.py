@@ -5,7 +5,7 @@
    resumed run sees exactly the batches a straight run would.
 3. Loss: cross-entropy on answer tokens only, under the gist mask, logits kept for answer positions
    only; summed over the step's micro-batches and divided by the step's answer-token count, so
-   batch 4 == batch 2 x accumulation 2. With compact gist positions (`gist.positions: compact`) each
+   batch 4 == batch 2 x accumulation 2. With compact or auto gist positions (`gist.positions`) each
    example is instead read chunk by chunk through compress's own `read_chunks`, with gradients
    (with `train.grad_chunks: answer`, only through the chunks that hold the answer: long documents).
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where bf16 is native.
@@ -27,13 +27,12 @@ from typing import Callable
 
 import torch
 
-from gistctl.config import GistctlConfig
+from gistctl.config import CHUNKED_LAYOUTS, GistctlConfig
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
 from gistctl.gist.lora import GIST_ROWS_KEY, GistModel, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
-from gistctl.kv.positions import COMPACT
 from gistctl.methods.base import peak_memory_bytes
 from gistctl.models import bf16_is_native, load_model
 from gistctl.train.checkpoint import (latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint,
@@ -148,9 +147,9 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     eval_examples = read_examples(cfg.eval)[: cfg.eval_limit] if cfg.eval else []
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens,
                             spell_codes=cfg.spell_codes)
-    # compact gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
-    compact, pad_id = config.gist.positions == COMPACT, loaded.tokenizer.pad_token_id
-    answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with compact
+    # compact / auto gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
+    chunked, pad_id = config.gist.positions in CHUNKED_LAYOUTS, loaded.tokenizer.pad_token_id
+    answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with a chunked layout
     use_bf16 = cfg.bf16 and bf16_is_native(accelerator.device)  # emulated bf16 is slower than fp32
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -206,14 +205,14 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                 else:
                     first = step * per_step + (micro * world + rank) * cfg.batch_size
                     chosen = [examples[i] for i in example_indices(len(examples), cfg.seed, first, cfg.batch_size)]
-                micro_batches.append([collator.encode(e) for e in chosen] if compact else collator(chosen))
+                micro_batches.append([collator.encode(e) for e in chosen] if chunked else collator(chosen))
             answer_tokens = sum(micro_batch_counts(b, pad_id)[0] for b in micro_batches)
             step_loss = 0.0
             for micro, batch in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if micro == len(micro_batches) - 1 else accelerator.no_sync(model)
                 with sync:
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        if compact:
+                        if chunked:
                             loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions,
                                                                   answer_chunks_only=answer_chunks_only)
                         else:
