@@ -137,7 +137,7 @@ def _check_training_layout(key: str, value: Any) -> None:
     try:
         check_layout(value, allow_auto=True)
     except DataError as err:
-        raise ConfigError(f"{key} must name a training layout: {err}") from None
+        raise ConfigError(f"{key} must name a gist position layout: {err}") from None
 
 
 @dataclass

@@ -27,9 +27,9 @@ def train(
     grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
     max_length: int = typer.Option(None, help="Longest example in tokens (only the context is truncated)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk per K gists."),
-    positions: str = typer.Option(None, help="Gist position layout: sequential (one masked forward per batch) "
-                                  "compact (each example read chunk by chunk, as compress reads it) or auto (chunk by chunk, each "
-                                  "example in the layout compress chooses for its length)."),
+    positions: str = typer.Option(None, help="Gist position layout: sequential (one masked forward per batch), "
+                                  "compact (each example read chunk by chunk, as compress reads it) or auto "
+                                  "(chunk by chunk, each example in the layout compress chooses for its length)."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
     init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
