@@ -312,6 +312,44 @@ def test_curriculum_chains_phases_and_resumes_across_sittings(tiny_model_dir, tm
     assert json.loads((second.final_dir / "gist.json").read_text())["chunk_tokens"] == 96  # the last phase's
 
 
+def test_a_continuation_ships_as_one_curriculum_that_reproduces_it(tiny_model_dir, tmp_path):
+    """A curriculum started from a shipped adapter, shipped `after` it: meta.json's recipe is the shipped
+    adapter's phases, then the run's with the settings they changed; training that recipe from scratch gives
+    the same weights."""
+    import yaml
+
+    from gistctl.config import config_from_dict
+    from gistctl.errors import ConfigError
+    from gistctl.train.curriculum import train_curriculum
+    from gistctl.train.ship import ship_adapter
+
+    first = curriculum_config(tmp_path, tiny_model_dir, phases=[
+        {"name": "first", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 2}}])
+    adapters = tmp_path / "adapters"
+    base = ship_adapter(train_curriculum(first, tmp_path / "base").final_dir, "base", target_root=adapters)
+    more = first.to_dict()
+    more["train"].update(init_adapter=str(base), lr=5e-3, grad_chunks="answer")
+    more["gist"]["positions"] = "auto"
+    more["phases"] = [{"name": "more", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 3},
+                       "gist": {"chunk_tokens": 96}}]
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
+    run = train_curriculum(load_config(tmp_path / "more.yaml"), tmp_path / "more")
+    shipped = ship_adapter(run.final_dir, "base", after=base, target_root=adapters)  # replaces what it continues
+    meta = json.loads((shipped / "meta.json").read_text())
+    assert meta["step"] == 5 and [p["name"] for p in meta["phases"]] == ["first", "more"]
+    assert meta["continues"]["step"] == 2 and meta["continues"]["adapter_fingerprint"] != meta["adapter_fingerprint"]
+    recipe = config_from_dict(meta["recipe"])
+    assert recipe.train.init_adapter is None and recipe.phases[0] == first.phases[0]
+    assert recipe.phases[1].train == meta["phases"][1]["train"] == {"max_steps": 3, "lr": 5e-3, "grad_chunks": "answer"}
+    assert recipe.phases[1].gist == meta["phases"][1]["gist"] == {"chunk_tokens": 96, "positions": "auto"}
+    scratch = train_curriculum(recipe, tmp_path / "scratch").final_dir
+    a = load_file(str(scratch / "adapter_model.safetensors"))
+    b = load_file(str(shipped / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="final/"):
+        ship_adapter(tmp_path / "more" / "more" / "final", "other", after=shipped, target_root=adapters)
+
+
 def test_curriculum_config_errors(tiny_model_dir, tmp_path):
     from gistctl.errors import ConfigError
 

@@ -2,21 +2,27 @@
 
     python -m gistctl.train.ship runs/default/final default [--note "..."]
     python -m gistctl.train.ship gistctl/adapters/default default --positions auto   # re-ship, re-tuned
+    python -m gistctl.train.ship runs/more/final default --after gistctl/adapters/default   # a continuation
 
 Copies the adapter files (not the optimizer state) into a temp directory, writes `meta.json` (recipe =
 the run's resolved config, data fingerprints, step, every evaluation, adapter fingerprint), then swaps it
-into place.
+into place. `--after ADAPTER`: the run is a curriculum that started from that shipped adapter; meta.json
+then records one curriculum from scratch, the shipped adapter's phases followed by the run's (see `continuation`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import yaml
 
+from gistctl.config import PHASE_FIXED_KEYS, PHASE_GIST_KEYS, GistSettings, LoraSettings, ModelSettings, \
+    TrainSettings, config_from_dict
+from gistctl.errors import ConfigError
 from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
 from gistctl.kv.positions import CHOICES, SEQUENTIAL, check_layout
 from gistctl.runs import atomic_write_json, replace_dir
@@ -25,15 +31,54 @@ FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.
          "tokenizer_config.json", "chat_template.jinja")
 
 
+def _settings(cls, values: dict) -> dict:
+    """A saved config section with the defaults of keys added since it was saved."""
+    return {**dataclasses.asdict(cls()), **values}
+
+
+def continuation(prior_meta: dict, source_meta: dict, source_recipe: dict) -> dict:
+    """meta.json's `recipe`, `phases`, `step` and `continues` for a curriculum run (`source_meta`, its config
+    `source_recipe`) that started from the shipped adapter `prior_meta` describes: the run's phases follow the
+    prior's, each with the settings it trained with that differ from the prior recipe's `train` and `gist`
+    sections as its overrides. So `recipe` is one curriculum that trains the new adapter from scratch: the one
+    configs/default.yaml must hold for the default adapter."""
+    prior_recipe = prior_meta["recipe"]
+    if not source_meta.get("phases") or not source_recipe.get("phases"):
+        raise ConfigError("--after needs a curriculum run's final/ (a config with phases), not a step checkpoint")
+    for section, cls in (("model", ModelSettings), ("lora", LoraSettings)):
+        if _settings(cls, prior_recipe[section]) != _settings(cls, source_recipe[section]):
+            raise ConfigError(f"--after: the run's {section} settings differ from the adapter it continues")
+    base_gist, base_train = _settings(GistSettings, prior_recipe["gist"]), _settings(TrainSettings, prior_recipe["train"])
+    source_gist, source_train = _settings(GistSettings, source_recipe["gist"]), _settings(TrainSettings, source_recipe["train"])
+    if source_gist["num_tokens"] != base_gist["num_tokens"]:
+        raise ConfigError("--after: the run has another number of gist tokens than the adapter it continues")
+    phases = []
+    for phase in source_recipe["phases"]:
+        train = {**source_train, **phase.get("train", {})}
+        gist = {**source_gist, **phase.get("gist", {})}
+        phases.append({"name": phase["name"], "recipe": phase["recipe"],
+                       "train": {k: v for k, v in train.items() if k not in PHASE_FIXED_KEYS and v != base_train[k]},
+                       "gist": {k: gist[k] for k in PHASE_GIST_KEYS if gist[k] != base_gist[k]}})
+    recipe = {**prior_recipe, "phases": prior_recipe["phases"] + phases}
+    config_from_dict(recipe)  # one valid curriculum (unique phase names, recipes that exist)
+    records = [{**record, "train": phase["train"], "gist": phase["gist"]}
+               for record, phase in zip(source_meta["phases"], phases)]
+    return {"recipe": recipe, "phases": prior_meta["phases"] + records, "step": prior_meta["step"] + source_meta["step"],
+            "continues": {"name": prior_meta["name"], "adapter_fingerprint": prior_meta["adapter_fingerprint"],
+                          "step": prior_meta["step"]}}
+
+
 def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, chunk_tokens: int | None = None,
-                 positions: str | None = None, target_root: Path = SHIPPED_ADAPTERS) -> Path:
+                 positions: str | None = None, after: str | Path | None = None,
+                 target_root: Path = SHIPPED_ADAPTERS) -> Path:
     """`chunk_tokens` / `positions`: the chunk length and gist position layout compress uses with this
     adapter, when a measured bench (--chunk-tokens, --positions) favours other ones than it was trained
-    with; meta.json records both."""
+    with; meta.json records both. `after`: the shipped adapter the run started from (`continuation`)."""
     if positions is not None:
         check_layout(positions, allow_auto=True)
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
+    prior_meta = json.loads((Path(after) / "meta.json").read_text()) if after else None  # before it is replaced
     target = target_root / name
     tmp = target_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,6 +87,8 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         if (checkpoint / file).is_file():
             shutil.copy2(checkpoint / file, tmp / file)
     if "recipe" in source_meta:  # an adapter shipped before: keep its record, change only what is asked
+        if prior_meta is not None:
+            raise ConfigError("--after takes a training run's final/, not an adapter shipped before")
         meta = {**source_meta, "name": name}
     else:
         meta = {
@@ -58,6 +105,8 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         }
         if source_meta.get("phases"):  # a curriculum: every phase's recipe, data and evals
             meta["phases"] = source_meta["phases"]
+        if prior_meta is not None:
+            meta.update(continuation(prior_meta, source_meta, meta["recipe"]))
     shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions))
                if value is not None}
     if shipped:
@@ -80,9 +129,11 @@ def main() -> None:
     parser.add_argument("--note")
     parser.add_argument("--chunk-tokens", type=int, help="chunk length compress uses (default: the trained one)")
     parser.add_argument("--positions", choices=CHOICES, help="gist position layout (default: the trained one; auto: per document)")
+    parser.add_argument("--after", help="the shipped adapter the run started from (train.init_adapter): meta.json "
+                                        "records its phases, then the run's")
     args = parser.parse_args()
     print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
-                       positions=args.positions))
+                       positions=args.positions, after=args.after))
 
 
 if __name__ == "__main__":
