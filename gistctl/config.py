@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError, DataError
-from gistctl.kv.positions import AUTO, COMPACT, SEQUENTIAL, check_layout
+from gistctl.kv.positions import CHUNKED_LAYOUTS, SEQUENTIAL, check_layout
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -75,7 +75,6 @@ class LoraSettings:
 
 
 GRAD_CHUNKS = ("all", "answer")
-CHUNKED_LAYOUTS = (COMPACT, AUTO)  # trained chunk by chunk, as compress reads (grad_chunks applies)
 
 
 @dataclass

@@ -32,6 +32,8 @@ AUTO = "auto"
 LAYOUTS = (SEQUENTIAL, COMPACT)  # concrete layouts: what a blob records and a chunk is read with
 CHOICES = (*LAYOUTS, AUTO)  # what an adapter ships with, training reads with and compress / bench accept
 AUTO_SEQUENTIAL_CHUNKS = 2  # auto: the most chunks read sequentially
+# trained chunk by chunk, as compress reads (train.grad_chunks applies); sequential trains one masked forward
+CHUNKED_LAYOUTS = (COMPACT, AUTO)
 # RoPE variants whose frequencies do not depend on the sequence length, so a stored key can be re-rotated.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

@@ -27,12 +27,13 @@ from typing import Callable
 
 import torch
 
-from gistctl.config import CHUNKED_LAYOUTS, GistctlConfig
+from gistctl.config import GistctlConfig
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
 from gistctl.gist.lora import GIST_ROWS_KEY, GistModel, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
+from gistctl.kv.positions import CHUNKED_LAYOUTS
 from gistctl.methods.base import peak_memory_bytes
 from gistctl.models import bf16_is_native, load_model
 from gistctl.train.checkpoint import (latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint,
