@@ -97,11 +97,17 @@ class TrainSettings:
     eval_every: int = 50
     eval_limit: int = 50
     stop_at_eval: float | None = None  # finish early (final/) once an evaluation scores at least this
+    stop_at_step: int | None = None  # finish (final/) after this step; warmup and cosine still span max_steps
     save_every: int = 50
     # compact / auto positions only: "answer" backpropagates only through the chunks holding the answer
     grad_chunks: str = "all"
     # answers that are codes (pass keys, ids, numbers) are trained one character per token (prompt.answer_ids)
     spell_codes: bool = False
+
+    @property
+    def last_step(self) -> int:
+        """The step a run finishes at (stop_at_eval aside)."""
+        return self.stop_at_step or self.max_steps
 
     def __post_init__(self):
         for key in ("max_steps", "lr", "gist_lr", "batch_size", "grad_accum", "max_length",
@@ -111,6 +117,8 @@ class TrainSettings:
             _positive("train", key, getattr(self, key), allow_zero=True)
         if self.grad_chunks not in GRAD_CHUNKS:
             raise ConfigError(f"train.grad_chunks must be one of {', '.join(GRAD_CHUNKS)}, got {self.grad_chunks!r}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
+            raise ConfigError(f"train.stop_at_step must be in [1, max_steps={self.max_steps}], got {self.stop_at_step!r}")
         if self.stop_at_eval is not None:
             if not 0 < self.stop_at_eval <= 1:
                 raise ConfigError(f"train.stop_at_eval must be in (0, 1], got {self.stop_at_eval!r}")
@@ -188,6 +196,10 @@ class GistctlConfig:
         if self.phases and self.train.data is not None:
             raise ConfigError("train.data and phases exclude each other: a curriculum builds each phase's data "
                               "from its recipe")
+        for phase in self.phases:
+            max_steps, last = self._phase_steps(phase)
+            if not 1 <= last <= max_steps:
+                raise ConfigError(f"phases.{phase.name}: stop_at_step must be in [1, max_steps={max_steps}], got {last}")
         # each phase trains with its own positions and grad_chunks: check them all before anything runs
         runs = [(p.gist.get("positions", self.gist.positions), p.train.get("grad_chunks", self.train.grad_chunks))
                 for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
@@ -196,10 +208,15 @@ class GistctlConfig:
                               "layout trains one masked forward over the whole example, not chunk by chunk)")
 
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run: the sum over phases, or train.max_steps without phases."""
+        """Optimizer steps of the whole run: the sum over phases, or the run's own without phases."""
         if not self.phases:
-            return self.train.max_steps
-        return sum(int(p.train.get("max_steps", self.train.max_steps)) for p in self.phases)
+            return self.train.last_step
+        return sum(self._phase_steps(p)[1] for p in self.phases)
+
+    def _phase_steps(self, phase: PhaseSettings) -> tuple[int, int]:
+        """(max_steps, the step it finishes at) of a phase: its own settings or the config's train section."""
+        train = {**dataclasses.asdict(self.train), **phase.train}
+        return train["max_steps"], train["stop_at_step"] or train["max_steps"]
 
     def phase_config(self, index: int, *, data: str, eval_data: str | None,
                      init_adapter: str | None) -> "GistctlConfig":

@@ -53,9 +53,9 @@ def test_default_curriculum_config_loads(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
     config = load_config("configs/default.yaml")
-    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long"]
+    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long", "p4-auto"]
     assert Path(config.train.init_adapter, "adapter_model.safetensors").is_file()  # the shipped phase-0 adapter
-    assert config.total_steps() == sum(p.train["max_steps"] for p in config.phases)
+    assert config.total_steps() == sum(p.train.get("stop_at_step", p.train["max_steps"]) for p in config.phases) == 800
     seeds = [load_recipe(p.recipe) for p in config.phases]
     train_seeds = {r["train"]["seed"] for r in seeds}
     eval_seeds = {r["eval"]["seed"] for r in seeds}
@@ -65,6 +65,8 @@ def test_default_curriculum_config_loads(monkeypatch):
     assert phase.train.lr == config.train.lr and phase.train.max_steps == config.phases[1].train["max_steps"]
     long = config.phase_config(2, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
     assert (phase.gist.chunk_tokens, long.gist.chunk_tokens) == (512, 1024) and long.train.max_length == 2200
+    auto = config.phase_config(3, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
+    assert (auto.gist.positions, auto.train.grad_chunks, auto.gist.chunk_tokens) == ("auto", "answer", 1024)
     load_recipe("configs/data_phase0.yaml")  # the documented way to redo phase 0 stays valid
     assert not phase.phases
 

@@ -120,6 +120,10 @@ def test_checkpoint_files_and_frozen_weights(tiny_model_dir, data_file, tmp_path
     assert not [p for p in os.listdir(run) if p.startswith(".")]  # no half-written checkpoint left
     meta = json.loads((run / "final" / "meta.json").read_text())
     assert meta["step"] == 6 and meta["seed"] == 0 and meta["data"]["train"]["sha256"]
+    # PEFT keeps target_modules as a set, in an order that changes with each process's string hashing; the
+    # fingerprint hashes this file, so it is written sorted (same weights, same fingerprint, in any process)
+    lora_config = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert lora_config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     # the adapter holds LoRA weights and the gist rows only: base weights and other rows untouched
     from gistctl.gist.lora import load_gist_model
     from gistctl.models import load_model
@@ -363,6 +367,30 @@ def test_curriculum_config_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="phases.a.gist.num_tokens"):  # gist rows carry over: K is fixed
         curriculum_config(tmp_path, tiny_model_dir, phases=[
             {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "gist": {"num_tokens": 4}}])
+
+
+def test_stop_at_step_finishes_part_way_through_the_schedule(tiny_model_dir, data_file, tmp_path):
+    """stop_at_step: final/ at that step of a warmup + cosine that spans max_steps, the same weights as the
+    step checkpoint of the full-length run, not those of a run whose schedule ends there."""
+    from gistctl.errors import ConfigError
+
+    part = train(settings(tiny_model_dir, data_file, max_steps=6, stop_at_step=4, save_every=1000), tmp_path / "part")
+    train(settings(tiny_model_dir, data_file, max_steps=6, save_every=4), tmp_path / "full")
+    short = train(settings(tiny_model_dir, data_file, max_steps=4, save_every=1000), tmp_path / "short")  # lr decays sooner
+    assert part.steps == 4 and json.loads((part.final_dir / "meta.json").read_text())["step"] == 4
+    a = load_file(str(part.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "step-000004" / "adapter_model.safetensors"))
+    c = load_file(str(short.final_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        settings(tiny_model_dir, data_file, max_steps=6, stop_at_step=7)
+    with pytest.raises(ConfigError, match="phases.a: stop_at_step"):
+        curriculum_config(tmp_path, tiny_model_dir, phases=[
+            {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 2, "stop_at_step": 3}}])
+    config = curriculum_config(tmp_path, tiny_model_dir, phases=[
+        {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 4, "stop_at_step": 3}},
+        {"name": "b", "recipe": str(tmp_path / "recipe.yaml"), "train": {"max_steps": 2}}])
+    assert config.total_steps() == 5
 
 
 def test_stop_at_eval_finishes_a_run_once_it_has_learned(tiny_model_dir, tmp_path):

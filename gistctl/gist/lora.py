@@ -21,7 +21,7 @@ from gistctl.errors import ModelLoadError
 from gistctl.gist.tokens import add_gist_tokens
 from gistctl.kv.positions import SEQUENTIAL, check_layout
 from gistctl.models import LoadedModel
-from gistctl.runs import atomic_write_json
+from gistctl.runs import atomic_write_json, atomic_write_text
 
 # PEFT calls a transformers property that transformers 5.x deprecates; nothing for our users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -89,12 +89,22 @@ def save_adapter(peft_model, loaded: LoadedModel, gist_ids: list[int], chunk_tok
     `chunk_tokens` and `positions` (the gist layout) are what compress will use with it."""
     directory = Path(directory)
     peft_model.save_pretrained(directory, save_embedding_layers=False)
+    _sort_target_modules(directory / "adapter_config.json")
     loaded.tokenizer.save_pretrained(directory)
     meta = {"num_gist": len(gist_ids), "gist_ids": list(gist_ids), "chunk_tokens": chunk_tokens,
             "positions": check_layout(positions, allow_auto=True),
             "base_model": loaded.name, "base_fingerprint": loaded.fingerprint, **(extra_meta or {})}
     atomic_write_json(directory / GIST_META, meta)
     return adapter_fingerprint(directory)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT writes target_modules in its set's order, which changes from process to process (string hashing):
+    the same weights saved twice would get two fingerprints. Sorted, the file depends on the adapter alone."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_gist_meta(adapter_dir: str | Path) -> dict:

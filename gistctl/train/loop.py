@@ -10,7 +10,8 @@
    (with `train.grad_chunks: answer`, only through the chunks that hold the answer: long documents).
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where bf16 is native.
 5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
-   with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned).
+   with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned);
+   with `stop_at_step`, finish at that step of a schedule that spans `max_steps`.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     fixed_batch = None
     if overfit_steps:
         fixed_batch = [examples[i] for i in example_indices(len(examples), cfg.seed, 0, cfg.batch_size)]
-    total_steps = overfit_steps or cfg.max_steps
+    total_steps = overfit_steps or cfg.last_step
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     losses: list[float] = []
     sitting_start, tokens_seen = time.perf_counter(), 0
@@ -241,7 +242,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             if grad_norm > 10:
                 record["warning"] = f"grad norm {grad_norm:.1f} > 10"
             improved = False
-            if eval_examples and not overfit_steps and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            if eval_examples and not overfit_steps and (done % cfg.eval_every == 0 or done == cfg.last_step):
                 gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens, adapter_fingerprint="training",
                                positions=config.gist.positions)
                 record["eval"] = evaluate_from_blobs(gm, eval_examples)
@@ -263,7 +264,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             if reached:
                 stopped_at = done
                 break
-            if not overfit_steps and (done % cfg.save_every == 0 or done == end_step) and done < cfg.max_steps:
+            if not overfit_steps and (done % cfg.save_every == 0 or done == end_step) and done < cfg.last_step:
                 save(f"step-{done:06d}", done, with_state=True)
     except KeyboardInterrupt:
         if completed > start_step and not overfit_steps:
@@ -281,8 +282,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     if stopped_at is not None:
         final_dir = save("final", stopped_at, with_state=False)
         end_step = stopped_at
-    elif end_step >= cfg.max_steps:
-        final_dir = save("final", cfg.max_steps, with_state=False)
+    elif end_step >= cfg.last_step:
+        final_dir = save("final", cfg.last_step, with_state=False)
     return TrainResult(run_dir, final_dir, end_step, last, losses, best["overall"] if best else None)
 
 
