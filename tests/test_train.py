@@ -343,6 +343,7 @@ def test_a_continuation_ships_as_one_curriculum_that_reproduces_it(tiny_model_di
     assert meta["step"] == 5 and [p["name"] for p in meta["phases"]] == ["first", "more"]
     assert meta["continues"]["step"] == 2 and meta["continues"]["adapter_fingerprint"] != meta["adapter_fingerprint"]
     recipe = config_from_dict(meta["recipe"])
+    assert yaml.safe_load((shipped / "config.yaml").read_text()) == meta["recipe"]
     assert recipe.train.init_adapter is None and recipe.phases[0] == first.phases[0]
     assert recipe.phases[1].train == meta["phases"][1]["train"] == {"max_steps": 3, "lr": 5e-3, "grad_chunks": "answer"}
     assert recipe.phases[1].gist == meta["phases"][1]["gist"] == {"chunk_tokens": 96, "positions": "auto"}

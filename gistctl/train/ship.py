@@ -107,6 +107,7 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
             meta["phases"] = source_meta["phases"]
         if prior_meta is not None:
             meta.update(continuation(prior_meta, source_meta, meta["recipe"]))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(meta["recipe"], sort_keys=False))  # not the run's own
     shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions))
                if value is not None}
     if shipped:
