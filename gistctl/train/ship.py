@@ -22,7 +22,7 @@ import yaml
 
 from gistctl.config import PHASE_FIXED_KEYS, PHASE_GIST_KEYS, GistSettings, LoraSettings, ModelSettings, \
     TrainSettings, config_from_dict
-from gistctl.errors import ConfigError
+from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
 from gistctl.kv.positions import CHOICES, SEQUENTIAL, check_layout
 from gistctl.runs import atomic_write_json, replace_dir
@@ -78,7 +78,12 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         check_layout(positions, allow_auto=True)
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
-    prior_meta = json.loads((Path(after) / "meta.json").read_text()) if after else None  # before it is replaced
+    continued = None  # checked before anything is written
+    if after:
+        if "recipe" in source_meta:
+            raise ConfigError("--after takes a training run's final/, not an adapter shipped before")
+        prior_meta = json.loads((Path(after) / "meta.json").read_text())  # read before it is replaced
+        continued = continuation(prior_meta, source_meta, yaml.safe_load((checkpoint / "config.yaml").read_text()))
     target = target_root / name
     tmp = target_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,8 +92,6 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         if (checkpoint / file).is_file():
             shutil.copy2(checkpoint / file, tmp / file)
     if "recipe" in source_meta:  # an adapter shipped before: keep its record, change only what is asked
-        if prior_meta is not None:
-            raise ConfigError("--after takes a training run's final/, not an adapter shipped before")
         meta = {**source_meta, "name": name}
     else:
         meta = {
@@ -105,8 +108,8 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         }
         if source_meta.get("phases"):  # a curriculum: every phase's recipe, data and evals
             meta["phases"] = source_meta["phases"]
-        if prior_meta is not None:
-            meta.update(continuation(prior_meta, source_meta, meta["recipe"]))
+        if continued is not None:
+            meta.update(continued)
             (tmp / "config.yaml").write_text(yaml.safe_dump(meta["recipe"], sort_keys=False))  # not the run's own
     shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions))
                if value is not None}
@@ -133,8 +136,11 @@ def main() -> None:
     parser.add_argument("--after", help="the shipped adapter the run started from (train.init_adapter): meta.json "
                                         "records its phases, then the run's")
     args = parser.parse_args()
-    print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
-                       positions=args.positions, after=args.after))
+    try:
+        print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
+                           positions=args.positions, after=args.after))
+    except (GistctlError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":
