@@ -77,6 +77,11 @@ class LoraSettings:
 GRAD_CHUNKS = ("all", "answer")
 
 
+def _check_stop_at_step(where: str, stop_at_step: int | None, max_steps: int) -> None:
+    if stop_at_step is not None and not 1 <= stop_at_step <= max_steps:
+        raise ConfigError(f"{where}stop_at_step must be in [1, max_steps={max_steps}], got {stop_at_step!r}")
+
+
 @dataclass
 class TrainSettings:
     data: str | None = None  # training JSONL
@@ -117,8 +122,7 @@ class TrainSettings:
             _positive("train", key, getattr(self, key), allow_zero=True)
         if self.grad_chunks not in GRAD_CHUNKS:
             raise ConfigError(f"train.grad_chunks must be one of {', '.join(GRAD_CHUNKS)}, got {self.grad_chunks!r}")
-        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
-            raise ConfigError(f"train.stop_at_step must be in [1, max_steps={self.max_steps}], got {self.stop_at_step!r}")
+        _check_stop_at_step("train.", self.stop_at_step, self.max_steps)
         if self.stop_at_eval is not None:
             if not 0 < self.stop_at_eval <= 1:
                 raise ConfigError(f"train.stop_at_eval must be in (0, 1], got {self.stop_at_eval!r}")
@@ -196,10 +200,9 @@ class GistctlConfig:
         if self.phases and self.train.data is not None:
             raise ConfigError("train.data and phases exclude each other: a curriculum builds each phase's data "
                               "from its recipe")
-        for phase in self.phases:
-            max_steps, last = self._phase_steps(phase)
-            if not 1 <= last <= max_steps:
-                raise ConfigError(f"phases.{phase.name}: stop_at_step must be in [1, max_steps={max_steps}], got {last}")
+        for phase in self.phases:  # a phase's own train keys are checked when it runs; this one decides total_steps
+            train = self._phase_train(phase)
+            _check_stop_at_step(f"phases.{phase.name}: ", train["stop_at_step"], train["max_steps"])
         # each phase trains with its own positions and grad_chunks: check them all before anything runs
         runs = [(p.gist.get("positions", self.gist.positions), p.train.get("grad_chunks", self.train.grad_chunks))
                 for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
@@ -211,19 +214,17 @@ class GistctlConfig:
         """Optimizer steps of the whole run: the sum over phases, or the run's own without phases."""
         if not self.phases:
             return self.train.last_step
-        return sum(self._phase_steps(p)[1] for p in self.phases)
+        return sum(train["stop_at_step"] or train["max_steps"] for train in map(self._phase_train, self.phases))
 
-    def _phase_steps(self, phase: PhaseSettings) -> tuple[int, int]:
-        """(max_steps, the step it finishes at) of a phase: its own settings or the config's train section."""
-        train = {**dataclasses.asdict(self.train), **phase.train}
-        return train["max_steps"], train["stop_at_step"] or train["max_steps"]
+    def _phase_train(self, phase: PhaseSettings) -> dict[str, Any]:
+        """A phase's train settings: its own keys over the config's train section."""
+        return {**dataclasses.asdict(self.train), **phase.train}
 
     def phase_config(self, index: int, *, data: str, eval_data: str | None,
                      init_adapter: str | None) -> "GistctlConfig":
         """The plain (phase-less) config phase `index` trains with."""
         phase = self.phases[index]
-        train = {**dataclasses.asdict(self.train), **phase.train, "data": data, "eval": eval_data,
-                 "init_adapter": init_adapter}
+        train = {**self._phase_train(phase), "data": data, "eval": eval_data, "init_adapter": init_adapter}
         gist = GistSettings(**{**dataclasses.asdict(self.gist), **phase.gist})
         return GistctlConfig(model=self.model, gist=gist, lora=self.lora, train=TrainSettings(**train))
 
