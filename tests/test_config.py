@@ -3,6 +3,9 @@ import pytest
 from gistctl.config import GistctlConfig, config_from_dict, load_config
 from gistctl.errors import ConfigError
 
+# the seeds of the bench sets (README, Results): 9001-9007 passkey/niah/facts/aggregate, 9008 aggregate_40
+BENCH_SEEDS = set(range(9001, 9009))
+
 
 def test_defaults_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
@@ -53,14 +56,14 @@ def test_default_curriculum_config_loads(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
     config = load_config("configs/default.yaml")
-    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long", "p4-auto"]
+    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long", "p4-auto", "p5-aggregate"]
     assert Path(config.train.init_adapter, "adapter_model.safetensors").is_file()  # the shipped phase-0 adapter
-    assert config.total_steps() == sum(p.train.get("stop_at_step", p.train["max_steps"]) for p in config.phases) == 800
+    assert config.total_steps() == sum(p.train.get("stop_at_step", p.train["max_steps"]) for p in config.phases) == 1000
     seeds = [load_recipe(p.recipe) for p in config.phases]
     train_seeds = {r["train"]["seed"] for r in seeds}
     eval_seeds = {r["eval"]["seed"] for r in seeds}
     assert not train_seeds & eval_seeds
-    assert not (train_seeds | eval_seeds) & set(range(9001, 9008))  # the bench sets' seeds (README, Results)
+    assert not (train_seeds | eval_seeds) & BENCH_SEEDS
     phase = config.phase_config(1, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
     assert phase.train.lr == config.train.lr and phase.train.max_steps == config.phases[1].train["max_steps"]
     long = config.phase_config(2, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
@@ -78,7 +81,7 @@ def test_round_trip_through_dict():
 
 def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
     """Each curriculum config in configs/ loads; the mixtures its phases build draw from seeds no other
-    recipe uses and never from the bench set's (9001-9005)."""
+    recipe uses and never from the bench sets'."""
     from pathlib import Path
 
     import yaml
@@ -98,7 +101,7 @@ def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
     # component c of a split is built with seed split_seed * 100 + c (gistctl/data/mix.py)
     built = {r[split]["seed"] * 100 + c for r in recipes.values() for split in ("train", "eval")
              for c in range(len(r["components"]))}
-    assert not built & set(range(9001, 9008))
+    assert not built & BENCH_SEEDS
 
 
 def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_path, monkeypatch):
