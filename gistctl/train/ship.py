@@ -78,12 +78,14 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         check_layout(positions, allow_auto=True)
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
+    reshipped = "recipe" in source_meta  # an adapter shipped before, not a training run's checkpoint
+    source_recipe = None if reshipped else yaml.safe_load((checkpoint / "config.yaml").read_text())
     continued = None  # checked before anything is written
     if after:
-        if "recipe" in source_meta:
+        if reshipped:
             raise ConfigError("--after takes a training run's final/, not an adapter shipped before")
         prior_meta = json.loads((Path(after) / "meta.json").read_text())  # read before it is replaced
-        continued = continuation(prior_meta, source_meta, yaml.safe_load((checkpoint / "config.yaml").read_text()))
+        continued = continuation(prior_meta, source_meta, source_recipe)
     target = target_root / name
     tmp = target_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +93,7 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
     for file in FILES:
         if (checkpoint / file).is_file():
             shutil.copy2(checkpoint / file, tmp / file)
-    if "recipe" in source_meta:  # an adapter shipped before: keep its record, change only what is asked
+    if reshipped:  # keep its record, change only what is asked
         meta = {**source_meta, "name": name}
     else:
         meta = {
@@ -100,7 +102,7 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
             "adapter_fingerprint": adapter_fingerprint(tmp),
             "step": source_meta["step"],
             "seed": source_meta["seed"],
-            "recipe": yaml.safe_load((checkpoint / "config.yaml").read_text()),
+            "recipe": source_recipe,
             "data": source_meta["data"],
             "evals": [{"step": e["step"], "overall": e["eval"]["overall"], "per_task": e["eval"]["per_task"],
                        "n": e["eval"]["n"]} for e in source_meta.get("evals", [])],
