@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gistctl.bench.protocol import seed_criteria
-from gistctl.bench.report import PLOTS, write_plots
+from gistctl.bench.metrics import question_type
+from gistctl.bench.report import PLOTS, render_markdown, summarize, write_plots
 from gistctl.bench.runner import parse_methods
 from gistctl.cli.main import app
 from gistctl.data.schema import write_jsonl
@@ -20,18 +21,19 @@ GIST = "gist[none,K=2]"
 
 DOCS = [
     ("The lighthouse keeper is Ada Lindqvist. The supply boat is the Saint Brendan. " * 3, "Who keeps the light?",
-     ["Ada Lindqvist"], "facts"),
+     ["Ada Lindqvist"], "facts", {"kind": "name"}),
     ("Marrow Island lies eleven miles off the coast. The passkey is 7K2P9A. The gulls nest there. " * 2,
-     "What is the passkey?", ["7K2P9A"], "passkey"),
+     "What is the passkey?", ["7K2P9A"], "passkey", {"key_format": "alnum6"}),
     ("The radio call sign is MRW-7. The island has one well and a small harbour. " * 4, "What is the call sign?",
-     ["MRW-7"], "niah"),
+     ["MRW-7"], "niah", {"kind": "code"}),
 ]
+TYPES = {"ex-0": "name", "ex-1": "alnum6", "ex-2": "code"}
 
 
 def write_data(path: Path, n: int = 3) -> Path:
     records = [{"id": f"ex-{i}", "task": task, "context": context, "question": question, "answers": answers,
-                "meta": {"context_tokens": 500 + 1000 * i}}
-               for i, (context, question, answers, task) in enumerate(DOCS[:n])]
+                "meta": {"context_tokens": 500 + 1000 * i, **meta}}
+               for i, (context, question, answers, task, meta) in enumerate(DOCS[:n])]
     write_jsonl(path, records)
     return path
 
@@ -88,6 +90,45 @@ def test_run_writes_documented_files_with_consistent_counts(bench_run):
     report = (run_dir / "report.md").read_text()
     assert GIST in report and "| full |" in report
     assert GIST in bench_run["output"] and "ratio" in bench_run["output"]
+    # each row records its example's question type; metrics and report break accuracy down by it
+    assert {r["id"]: r["question_type"] for r in rows} == TYPES
+    for column, m in metrics["methods"].items():
+        by_id = {r["id"]: r["primary"] for r in rows if r["method"] == column}
+        assert {k: (v["mean"], v["n"]) for k, v in m["question_types"].items()} == {
+            "facts/name": (by_id["ex-0"], 1), "passkey/alnum6": (by_id["ex-1"], 1), "niah/code": (by_id["ex-2"], 1)}
+    assert "## Accuracy per question type" in report and "| passkey/alnum6 |" in report
+
+
+def test_question_type_breakdown_on_hand_made_rows():
+    rows = [{"method": "gist", "id": f"a{i}", "task": "aggregate", "question_type": qt, "primary": p,
+             "context_tokens": 900}
+            for i, (qt, p) in enumerate((("list", 1.0), ("list", 0.5), ("count", 0.0), ("count", 1.0), ("total", 0.0)))]
+    rows.append({"method": "gist", "id": "q", "task": "qa", "question_type": None, "primary": 0.25,
+                 "context_tokens": 900})
+    m = summarize(rows, ["gist"])["methods"]["gist"]
+    assert {k: (v["mean"], v["n"]) for k, v in m["question_types"].items()} == {
+        "aggregate/count": (0.5, 2), "aggregate/list": (0.75, 2), "aggregate/total": (0.0, 1)}
+    assert m["tasks"]["aggregate"]["mean"] == pytest.approx(2.5 / 5)
+    table = render_markdown({**summarize(rows, ["gist"]), "data": "d", "model": "m", "device": "cpu"})
+    assert "| aggregate/list | 0.75 [" in table and "| aggregate/total | 0.00 [0.00, 0.79] (n=1) |" in table
+    assert "qa/" not in table
+    assert question_type("aggregate", {"question_type": "total"}) == "total"
+    assert question_type("niah", {"kind": "date"}) == "date" and question_type("qa", {"kind": "x"}) is None
+
+
+def test_rows_without_question_type_get_it_from_their_examples(bench_run, tiny_model_dir, tmp_path):
+    """Runs benched before rows recorded question_type are broken down by type when resumed."""
+    import shutil
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(bench_run["run_dir"], run_dir)
+    old_rows = [{k: v for k, v in r.items() if k != "question_type"} for r in read_rows(run_dir)]
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    again = runner.invoke(app, bench_args(tiny_model_dir, bench_run["data"], run_dir))
+    assert again.exit_code == 0, again.output
+    assert read_rows(run_dir) == old_rows  # nothing re-run, nothing rewritten
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["methods"][GIST]["question_types"]) == {"facts/name", "passkey/alnum6", "niah/code"}
 
 
 def test_resume_runs_only_missing_rows(bench_run, tiny_model_dir):

@@ -246,6 +246,25 @@ def test_aggregate_answers_recomputed_from_context(tok, hay_dir):
         assert max(offsets) - min(offsets) > 0.3 * len(r["context"]) or len(offsets) < 4
 
 
+def test_aggregate_questions_choose_the_types_asked(tok, hay_dir):
+    hay = haystack_from_dir(hay_dir)
+    records = list(build_aggregate(tok, n=9, seed=12, tokens=parse_lengths("600"), haystack=hay, items="3..6",
+                                   questions=("count", "total")))
+    assert Counter(r["meta"]["question_type"] for r in records) == {"count": 6, "total": 3}
+    for r in records:
+        assert recompute_aggregate(r) == r["answers"][0], r["question"]
+    with pytest.raises(ConfigError, match="unknown aggregate question type.*sum"):
+        list(build_aggregate(tok, n=1, seed=12, tokens=parse_lengths("600"), haystack=hay, questions=("sum",)))
+
+
+def test_mix_passes_aggregate_questions_as_list_or_string(tok, hay_dir):
+    for questions in (["total"], "total"):
+        recipe = small_recipe(haystack_dir=str(hay_dir), components=[
+            {"task": "aggregate", "weight": 1, "tokens": "600", "options": {"items": "3..5", "questions": questions}}])
+        splits = build_mix(tok, validate_recipe(recipe))
+        assert {r["meta"]["question_type"] for split in splits.values() for r in split} == {"total"}
+
+
 # ---------------------------------------------------------------- qa
 
 

@@ -231,6 +231,19 @@ def score(task: str, prediction: str, answers: list[str], meta: dict | None = No
     return scores
 
 
+def question_type(task: str, meta: dict) -> str | None:
+    """What a row is grouped under within its task in the bench's per-type breakdown: an aggregate question's
+    type (list, count, total), the kind of value a niah/facts question asks for (code, date, name, number,
+    place), a passkey's key format; None when the dataset does not say."""
+    if task == "aggregate":
+        return meta.get("question_type") or meta.get("kind")
+    if task in ("niah", "facts"):
+        return meta.get("kind")
+    if task == "passkey":
+        return meta.get("key_format")
+    return None
+
+
 def _aggregate_kind(answers: list[str], meta: dict) -> tuple[str | None, list[str]]:
     """(kind, gold answers) of an aggregate example. The aggregate builder writes `question_type`
     (list / count / total) and a list answer as one "a, b, c" string; list items are scored one by one."""

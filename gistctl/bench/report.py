@@ -1,6 +1,8 @@
 """Bench outputs from prediction rows: metrics.json, report.md and PNG plots, all written atomically.
 
-metrics.json, per column (method): `accuracy`, `tasks.<task>`, `buckets.<length bucket>`, each
+metrics.json, per column (method): `accuracy`, `tasks.<task>`, `buckets.<length bucket>`,
+`question_types.<task>/<type>` (aggregate list / count / total, the value kind of niah and facts; see
+`gistctl.bench.metrics.question_type`), each
 `{mean, low, high, n}` (mean primary score and its 95% CI; NaN -> null), plus `n`, `errors` and the profile:
 means over rows without error of `ttft_ms`, `prepare_s`, `decode_tokens_per_s`, `prompt_tokens`,
 `state_bytes`, `full_kv_bytes`, `compression_ratio`; `peak_memory_bytes` is the max over rows.
@@ -49,8 +51,11 @@ def summarize_column(rows: list[dict]) -> dict[str, Any]:
     ok = [r for r in rows if not r.get("error")]
     tasks: dict[str, list[float]] = {}
     buckets: dict[str, list[float]] = {}
+    types: dict[str, list[float]] = {}
     for row in rows:
         tasks.setdefault(row["task"], []).append(row["primary"])
+        if row.get("question_type"):
+            types.setdefault(f"{row['task']}/{row['question_type']}", []).append(row["primary"])
         label = length_bucket(row.get("context_tokens"))
         if label:
             buckets.setdefault(label, []).append(row["primary"])
@@ -62,6 +67,7 @@ def summarize_column(rows: list[dict]) -> dict[str, Any]:
         "accuracy": ci([r["primary"] for r in rows]),
         "tasks": {task: ci(values) for task, values in sorted(tasks.items())},
         "buckets": {label: ci(buckets[label]) for label in order if label in buckets},
+        "question_types": {label: ci(values) for label, values in sorted(types.items())},
         "peak_memory_bytes": max((max(r.get("peak_memory_bytes") or 0, r.get("prepare_peak_memory_bytes") or 0)
                                   for r in rows), default=None) or None,
     }
@@ -135,6 +141,20 @@ def _breakdown(metrics: dict, key: str, labels: list[str]) -> list[list[str]]:
     return rows
 
 
+def _by_question_type(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-type table, one row per `task/type` and one column per method (types outnumber methods)."""
+    columns = ordered(metrics)
+    labels = sorted({label for _, m in columns for label in m.get("question_types", {})})
+    rows = []
+    for label in labels:
+        cells = [label]
+        for _, m in columns:
+            c = m.get("question_types", {}).get(label)
+            cells.append("-" if c is None else f"{fmt_ci(c)} (n={c['n']})")
+        rows.append(cells)
+    return ["task / type", *(column for column, _ in columns)], rows
+
+
 def render_markdown(metrics: dict, criteria: list | None = None) -> str:
     tasks = sorted({t for m in metrics["methods"].values() for t in m["tasks"]})
     buckets = [b for b in metrics["buckets"] if any(b in m["buckets"] for m in metrics["methods"].values())]
@@ -153,6 +173,12 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
         "## Accuracy per context length (meta.context_tokens)", "",
         _md_table(["method", *buckets], _breakdown(metrics, "buckets", buckets)), "",
     ]
+    headers, type_rows = _by_question_type(metrics)
+    if type_rows:
+        parts += ["## Accuracy per question type", "",
+                  "Aggregate questions by type (list the kinds, count one kind, count all), niah and facts by "
+                  "the kind of value asked for, passkeys by key format (the dataset's meta).", "",
+                  _md_table(headers, type_rows), ""]
     if criteria:
         parts += ["## Seed protocol criteria", "",
                   _md_table(["criterion", "target", "measured", "result"],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from gistctl import errors
+from gistctl.bench.metrics import question_type
 from gistctl.errors import ConfigError, DataError, GistctlError
 from gistctl.kv.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
@@ -229,7 +230,8 @@ def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list
 
 def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settings: BenchSettings,
               on_progress: Callable[[Progress], None] | None = None) -> list[dict]:
-    """Every column x example not yet in predictions.jsonl; returns the rows of these columns and examples."""
+    """Every column x example not yet in predictions.jsonl; returns the rows of these columns and examples
+    (each with its `question_type`)."""
     notify = on_progress or (lambda _: None)
     ids = [e["id"] for e in examples]
     wanted = set(ids)
@@ -263,11 +265,13 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
 
             run_worker(run, spec, settings, pending, on_row)
         report("end")
+    # rows written before the worker recorded question_type get it from their example
+    types = {e["id"]: question_type(e["task"], e.get("meta") or {}) for e in examples}
     seen: set[tuple[str, str]] = set()
     out = []
     for row in load_predictions(run.file(PREDICTIONS)):
         key = (row.get("method"), row.get("id"))
         if current(row) and key not in seen:
             seen.add(key)
-            out.append(row)
+            out.append(row if "question_type" in row else {**row, "question_type": types[row["id"]]})
     return out

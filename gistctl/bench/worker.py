@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gistctl.bench.metrics import score
+from gistctl.bench.metrics import question_type, score
 from gistctl.bench.runner import EVENT_PREFIX, MethodSpec
 from gistctl.data.schema import read_jsonl
 from gistctl.errors import GistctlError
@@ -79,6 +79,7 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
            "chunk_tokens": spec.chunk_tokens, "positions": spec.positions,
            "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"], "task": record["task"],
            "question": record["question"], "answers": record["answers"],
+           "question_type": question_type(record["task"], record["meta"]),
            "context_tokens": record["meta"].get("context_tokens"), "document_tokens": None,
            "prediction": None, "scores": None, "primary": 0.0, "error": None, "error_stage": None,
            "prepare_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,

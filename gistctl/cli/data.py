@@ -129,7 +129,9 @@ def facts(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path = OUT
 @user_errors
 def aggregate(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path = OUTPUT, model: Optional[str] = MODEL,
               haystack_dir: Optional[Path] = HAYSTACK,
-              items: str = typer.Option("4..12", "--items", help="Planted items per context: a number or a range.")) -> None:
+              items: str = typer.Option("4..12", "--items", help="Planted items per context: a number or a range."),
+              questions: str = typer.Option("list,count,total", "--questions",
+                                            help="Question types, cycled: list, count (one kind), total.")) -> None:
     """Items planted throughout the text; questions about all of them (list, count) with exact answers."""
     from gistctl.data.builders import build_aggregate
     from gistctl.data.lengths import parse_lengths, parse_range
@@ -138,7 +140,8 @@ def aggregate(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path =
     parse_range(items, "--items", 2, 40)
     haystack = _haystack(haystack_dir)
     tok = _tokenizer(model)
-    records = build_aggregate(tok, n=n, seed=seed, tokens=lengths, haystack=haystack, items=items)
+    records = build_aggregate(tok, n=n, seed=seed, tokens=lengths, haystack=haystack, items=items,
+                              questions=tuple(q.strip() for q in questions.split(",") if q.strip()))
     _write(_collect(records, n, "aggregate"), output)
 
 

@@ -196,6 +196,9 @@ def build_facts(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: H
         yield _record("facts", seed, i, context, question, [values[asked]], meta)
 
 
+AGGREGATE_QUESTIONS = ("list", "count", "total")
+
+
 def aggregate_answer(family: str, question_type: str, items: list[tuple[str, str]], asked_value: str | None) -> str:
     """The exact answer from the planted (id, value) items: `list` -> sorted distinct values joined by ", ";
     `count` -> how many items have `asked_value`; `total` -> how many items."""
@@ -210,10 +213,15 @@ def aggregate_answer(family: str, question_type: str, items: list[tuple[str, str
 
 
 def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: Haystack | None = None,
-                    items: str | int = "4..12") -> Iterator[dict]:
+                    items: str | int = "4..12", questions: tuple[str, ...] = AGGREGATE_QUESTIONS) -> Iterator[dict]:
     """Items planted throughout the text (door colours, ship cargoes, bird sightings); the question is about
-    all of them (list the distinct values, count one value, count all), so no single chunk answers it."""
+    all of them (list the distinct values, count one value, count all), so no single chunk answers it.
+    `questions`: the question types asked, cycled (each family in turn gets each type)."""
     lo, hi = parse_range(items, "--items", 2, 40)
+    unknown = set(questions) - set(AGGREGATE_QUESTIONS)
+    if unknown or not questions:
+        raise ConfigError(f"unknown aggregate question type(s) {', '.join(sorted(unknown)) or '(none)'}; "
+                          f"use {', '.join(AGGREGATE_QUESTIONS)}")
     haystack = haystack or load_haystack(None)
     pool = FillerPool.from_haystack(tokenizer, haystack)
     families = sorted(AGGREGATE_FAMILIES)
@@ -222,7 +230,7 @@ def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystac
         target = tokens.target(i, rng)
         family = families[i % len(families)]
         spec = AGGREGATE_FAMILIES[family]
-        question_type = ("list", "count", "total")[(i // len(families)) % 3]
+        question_type = questions[(i // len(families)) % len(questions)]
         k = rng.randint(lo, hi)
         ids = spec["ids"](rng, k)
         palette = rng.sample(spec["values"], rng.randint(2, min(5, k)))

@@ -29,7 +29,7 @@ OPTIONS = {  # builder keyword arguments a recipe may set, per task
     "passkey": {"key_format", "depth", "protocol"},
     "niah": {"depth", "kinds"},
     "facts": {"facts"},
-    "aggregate": {"items"},
+    "aggregate": {"items", "questions"},
     "qa": {"source", "context_field", "question_field", "answers_field", "id_field"},
 }
 BUILDERS: dict[str, Callable[..., Iterator[dict]]] = {
@@ -113,8 +113,11 @@ def build_split(tokenizer, recipe: dict, split: str, *, haystack=None) -> Iterat
             kwargs["tokens"] = parse_lengths(component.get("tokens"))
             if task != "passkey" or kwargs.get("protocol") == "seed":
                 kwargs["haystack"] = haystack
-        if "kinds" in kwargs:
-            kwargs["kinds"] = tuple(kwargs["kinds"])
+        for key in ("kinds", "questions"):  # a YAML list or "a,b" -> a tuple for the builder
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = tuple(part.strip() for part in kwargs[key].split(",") if part.strip())
+            elif key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
         for record in BUILDERS[task](tokenizer, n=count, seed=spec["seed"] * MAX_COMPONENTS + index, **kwargs):
             record["meta"]["split"] = split
             record["meta"]["component"] = index
