@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError, DataError
+from gistctl.gist.chunks import CHUNKINGS, FIXED
 from gistctl.kv.positions import CHUNKED_LAYOUTS, SEQUENTIAL, check_layout
 
 
@@ -50,11 +51,15 @@ class GistSettings:
     # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it), and
     # auto through the same read, each example in the layout compress chooses for it
     positions: str = SEQUENTIAL
+    # how a document longer than one chunk is split (gistctl.gist.collate): fixed (full chunks, then the rest)
+    # or even (equal chunks)
+    chunking: str = FIXED
 
     def __post_init__(self):
         _positive("gist", "num_tokens", self.num_tokens)
         _positive("gist", "chunk_tokens", self.chunk_tokens)
         _check_training_layout("gist.positions", self.positions)
+        _check_chunking("gist.chunking", self.chunking)
 
 
 @dataclass
@@ -140,7 +145,7 @@ class TrainSettings:
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
 # num_tokens is fixed: a phase starts from the previous phase's gist rows
-PHASE_GIST_KEYS = ("chunk_tokens", "positions")
+PHASE_GIST_KEYS = ("chunk_tokens", "positions", "chunking")
 
 
 def _check_training_layout(key: str, value: Any) -> None:
@@ -151,11 +156,16 @@ def _check_training_layout(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must name a gist position layout: {err}") from None
 
 
+def _check_chunking(key: str, value: Any) -> None:
+    if value not in CHUNKINGS:
+        raise ConfigError(f"{key} must be one of {', '.join(CHUNKINGS)}, got {value!r}")
+
+
 @dataclass
 class PhaseSettings:
     """One phase of a curriculum: data built from `recipe` (a `gistctl data mix` recipe), the `train`
     settings that differ from the config's `train` section (max_steps, max_length, ...) and the `gist`
-    settings that differ (chunk_tokens, positions: later phases may read longer documents differently)."""
+    settings that differ (chunk_tokens, positions, chunking: later phases may read longer documents differently)."""
 
     name: str
     recipe: str
@@ -173,6 +183,8 @@ class PhaseSettings:
                                     " (K is fixed: a phase starts from the previous phase's gist rows)")
         if "positions" in self.gist:
             _check_training_layout(f"phases.{self.name}.gist.positions", self.gist["positions"])
+        if "chunking" in self.gist:
+            _check_chunking(f"phases.{self.name}.gist.chunking", self.gist["chunking"])
 
     def _overrides(self, section: str, values: Any, valid: set[str], why: str = "") -> dict[str, Any]:
         """The `section` keys this phase changes, checked against `valid` and typed like the section's fields."""

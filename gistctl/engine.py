@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gistctl.errors import DataError
 from gistctl.gist.lora import GistModel, load_gist_model, read_gist_meta, resolve_adapter
+from gistctl.gist.chunks import check_chunking
 from gistctl.kv.positions import check_layout
 from gistctl.models import load_model
 
@@ -25,12 +26,16 @@ def read_document(path: str | Path) -> str:
 
 def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | None = None,
                     chunk_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                    load_in_4bit: bool = False, positions: str | None = None) -> GistModel:
+                    load_in_4bit: bool = False, positions: str | None = None,
+                    chunking: str | None = None) -> GistModel:
     """Base model (default: the adapter's base, else the embedded default) + gist adapter, ready to compress/ask.
 
-    `chunk_tokens` / `positions` override the adapter's chunk length and gist position layout."""
+    `chunk_tokens` / `positions` / `chunking` override the adapter's chunk length, gist position layout and
+    chunk split."""
     if positions:
         check_layout(positions, allow_auto=True)  # before the slow model load
+    if chunking:
+        check_chunking(chunking)
     adapter_dir = resolve_adapter(adapter)
     if adapter_dir is None and num_gist is None:
         raise DataError("--adapter none needs --gist K (how many untrained gist tokens to use)")
@@ -42,6 +47,8 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
         gm.chunk_tokens = chunk_tokens
     if positions:
         gm.positions = positions
+    if chunking:
+        gm.chunking = chunking
     return gm
 
 
@@ -60,7 +67,8 @@ def open_gist_model_for_blob(meta, *, model: str | None = None, adapter: str | N
         model = meta.model_id
     if adapter is None:
         adapter = meta.adapter or "none"
-    return open_gist_model(model, adapter, num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device)
+    return open_gist_model(model, adapter, num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device,
+                           chunking=meta.chunking)
 
 
 def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter: str | None = None,

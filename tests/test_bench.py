@@ -12,6 +12,7 @@ from gistctl.bench.report import PLOTS, render_markdown, summarize, write_plots
 from gistctl.bench.runner import parse_methods
 from gistctl.cli.main import app
 from gistctl.data.schema import write_jsonl
+from gistctl.errors import DataError
 from gistctl.kv.blob import read_blob_meta
 from gistctl.kv.sizes import kv_cache_bytes
 from gistctl.runs import RunDir
@@ -260,6 +261,12 @@ def test_method_columns():
     assert [(s.column, s.chunk_tokens, s.positions) for s in layouts] == \
         [("gist[none,K=2,chunk=16,pos=sequential]", 16, "sequential"),
          ("gist[none,K=2,chunk=16,pos=compact]", 16, "compact")]
+    splits = parse_methods("gist,rag", "none", "2", None, None, "fixed,even")
+    assert [(s.column, s.chunking) for s in splits] == \
+        [("gist[none,K=2,split=fixed]", "fixed"), ("gist[none,K=2,split=even]", "even"), ("rag", None)]
+    assert parse_methods("gist", "none", "2")[0].chunking == "fixed"
+    with pytest.raises(DataError, match="unknown chunking 'halves'"):
+        parse_methods("gist", "none", "2", None, None, "halves")
 
 
 def test_adapter_columns_are_named_apart(tmp_path):
@@ -289,23 +296,27 @@ def test_chunk_columns_keep_k_gists_per_chunk(tiny_model_dir, tmp_path):
     for row, chunk in ((short, 16), (long, 64)):
         meta = read_blob_meta(tmp_path / "run" / row["blob"])
         assert meta.chunk_tokens == chunk and row["chunk_tokens"] == chunk
+        assert meta.chunking == "fixed" == row["chunking"]  # --adapter none: fixed chunks
         assert meta.num_chunks == -(-n_tokens // chunk)
     assert short["state_bytes"] > long["state_bytes"]
 
 
 def test_position_columns_store_their_layout(tiny_model_dir, tmp_path):
-    """--positions: one column per layout over the same adapter; as many gists, at other positions."""
+    """--positions: one column per layout over the same adapter; as many gists, at other positions. (Both read
+    even chunks: --chunking reaches the blob and the row.)"""
     data = write_data(tmp_path / "set.jsonl", 1)
     args = bench_args(tiny_model_dir, data, tmp_path / "run", "--chunk-tokens", "16", "--positions",
-                      "sequential,compact")
+                      "sequential,compact", "--chunking", "even")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in read_rows(tmp_path / "run")}
-    sequential, compact = rows["gist[none,K=2,chunk=16,pos=sequential]"], rows["gist[none,K=2,chunk=16,pos=compact]"]
+    column = "gist[none,K=2,chunk=16,pos={},split=even]".format
+    sequential, compact = rows[column("sequential")], rows[column("compact")]
     metas = {name: read_blob_meta(tmp_path / "run" / row["blob"]) for name, row in
              (("sequential", sequential), ("compact", compact))}
     for name, meta in metas.items():
-        assert meta.positions == name == rows[f"gist[none,K=2,chunk=16,pos={name}]"]["positions"]
+        assert meta.positions == name == rows[column(name)]["positions"]
+        assert meta.chunking == "even" == rows[column(name)]["chunking"]
     assert metas["compact"].gist_positions == list(range(metas["compact"].total_gists))
     assert metas["sequential"].next_position == metas["sequential"].document_tokens + metas["sequential"].total_gists
     assert metas["sequential"].total_gists == metas["compact"].total_gists > 2  # same tensors, several chunks

@@ -26,6 +26,7 @@ def test_defaults_yaml_then_flags(tmp_path):
     ("optimizer:\n  lr: 1\n", "optimizer"),
     ("train:\n  max_steps: many\n", "train.max_steps"),
     ("gist:\n  positions: diagonal\n", "gist.positions"),
+    ("gist:\n  chunking: halves\n", "gist.chunking"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "c.yaml"
@@ -132,4 +133,9 @@ def test_a_phase_may_train_with_the_auto_layout_and_no_unknown_one(tmp_path, mon
     assert load_config(path).phases[0].gist["positions"] == "auto"
     path.write_text(path.read_text().replace("positions: auto", "positions: diagonal"))
     with pytest.raises(ConfigError, match=r"phases\.a\.gist\.positions .*sequential, compact, auto"):
+        load_config(path)
+    path.write_text(path.read_text().replace("positions: diagonal", "positions: auto, chunking: even"))
+    assert load_config(path).phases[0].gist["chunking"] == "even"
+    path.write_text(path.read_text().replace("chunking: even", "chunking: halves"))
+    with pytest.raises(ConfigError, match=r"phases\.a\.gist\.chunking must be one of fixed, even"):
         load_config(path)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from gistctl.config import LoraSettings
+from gistctl.errors import DataError
+from gistctl.gist.chunks import EVEN, FIXED, split_chunks
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import gist_forward
 from gistctl.gist.lora import (adapter_fingerprint, expected_trainable_parameters, load_gist_model, save_adapter,
@@ -46,6 +48,29 @@ def test_add_gist_tokens_is_idempotent_and_initialised_like_distinct_tokens(fres
     assert model.get_input_embeddings().weight.shape[0] == old.shape[0] + 4
     # the tokenizer keeps a gist token whole inside text
     assert ids[1] in tokenizer("a <gist_1> b", add_special_tokens=False)["input_ids"]
+
+
+def test_even_chunks_are_as_many_as_fixed_ones_and_equal_to_a_token():
+    for n in [0, 1, 15, 16, 17, 33, 1023, 1024, 1025, 1300, 2048, 2049, 7777]:
+        ids = list(range(n))
+        fixed, even = split_chunks(ids, 1024, FIXED), split_chunks(ids, 1024, EVEN)
+        assert len(even) == len(fixed) and sum(even, []) == ids == sum(fixed, [])
+        sizes = [len(c) for c in even]
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 1024 and sizes == sorted(sizes, reverse=True)
+    assert [len(c) for c in split_chunks(list(range(1300)), 1024, EVEN)] == [650, 650]
+    assert [len(c) for c in split_chunks(list(range(1300)), 1024, FIXED)] == [1024, 276]
+    with pytest.raises(DataError, match="unknown chunking 'halves'"):
+        split_chunks([1, 2], 1, "halves")
+
+
+def test_collator_splits_contexts_as_configured(fresh):
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 2)
+    example = {"context": "word " * 50, "question": "Q?", "answer": "A"}
+    fixed = GistCollator(fresh.tokenizer, gist_ids, max_length=512, chunk_tokens=16).encode(example)
+    even = GistCollator(fresh.tokenizer, gist_ids, max_length=512, chunk_tokens=16, chunking=EVEN).encode(example)
+    n = sum(fixed.layout.chunks)
+    assert fixed.layout.chunks == tuple(len(c) for c in split_chunks(list(range(n)), 16, FIXED))
+    assert even.layout.chunks == tuple(len(c) for c in split_chunks(list(range(n)), 16, EVEN)) != fixed.layout.chunks
 
 
 def test_collator_labels_only_on_answers(fresh):

@@ -24,8 +24,9 @@ DOC = ("Marrow Island lies eleven miles off the northern coast. The lighthouse i
 QUESTION = "What is the call sign?"
 
 
-def gist_model(model_dir, chunk_tokens=1024, k=3):
+def gist_model(model_dir, chunk_tokens=1024, k=3, chunking="fixed"):
     gm = load_gist_model(load_model(str(model_dir), device="cpu"), None, num_gist=k, chunk_tokens=chunk_tokens)
+    gm.chunking = chunking
     with torch.no_grad():  # distinct gist rows, so a wrong gist order or position would show
         gm.model.get_input_embeddings().weight[gm.gist_ids] += torch.randn(k, gm.model.config.hidden_size) * 0.5
     return gm
@@ -34,7 +35,7 @@ def gist_model(model_dir, chunk_tokens=1024, k=3):
 def masked_reference(gm, text, question, answer_ids=()):
     """Logits of [chunks+gists][question][answer] from one masked full forward pass (no cache)."""
     ids = prompt.context_ids(gm.tokenizer, text)
-    chunks = split_chunks(ids, gm.chunk_tokens)
+    chunks = split_chunks(ids, gm.chunk_tokens, gm.chunking)
     q = prompt.question_ids(gm.tokenizer, question)
     layout = GistLayout(tuple(len(c) for c in chunks), gm.num_gist, len(q), len(answer_ids))
     batch = build_gist_mask([layout]).__dict__
@@ -56,11 +57,15 @@ def masked_greedy(gm, text, question, steps):
     return out
 
 
-@pytest.mark.parametrize("chunk_tokens", [1024, 16])  # one chunk; several chunks
-def test_blob_round_trip_matches_masked_full_forward(tiny_model_dir, tmp_path, chunk_tokens):
-    gm = gist_model(tiny_model_dir, chunk_tokens)
+@pytest.mark.parametrize("chunk_tokens, chunking", [(1024, "fixed"), (16, "fixed"), (20, "even")])  # one chunk; several
+def test_blob_round_trip_matches_masked_full_forward(tiny_model_dir, tmp_path, chunk_tokens, chunking):
+    gm = gist_model(tiny_model_dir, chunk_tokens, chunking=chunking)
     blob, stats = compress_document(gm, DOC, dtype="fp32")
-    assert stats.chunks == (1 if chunk_tokens == 1024 else -(-stats.document_tokens // 16))
+    assert stats.chunks == -(-stats.document_tokens // chunk_tokens)
+    assert blob.meta.chunking == chunking
+    if chunking == "even":  # the split differs from fixed's, so the parity below is about even chunks
+        ids = prompt.context_ids(gm.tokenizer, DOC)
+        assert split_chunks(ids, 20, "even") != split_chunks(ids, 20, "fixed")
     write_blob(blob, tmp_path / "doc.kv")
     loaded_blob = read_blob(tmp_path / "doc.kv")
     gen = answer_from_blob(gm, loaded_blob, QUESTION, max_new_tokens=6)

@@ -160,6 +160,12 @@ def test_compress_cli_positions(tiny_model_dir, tmp_path):
     assert "positions compact (auto)" in result.output and read_blob(tmp_path / "a.kv").meta.positions == COMPACT
     bad = CliRunner().invoke(app, base + ["--positions", "diagonal"])
     assert bad.exit_code == 2 and "unknown gist position layout 'diagonal'" in bad.output
+    result = CliRunner().invoke(app, base + ["--chunking", "even", "-o", str(tmp_path / "e.kv")])
+    assert result.exit_code == 0, result.output
+    assert "split even" in result.output and read_blob(tmp_path / "e.kv").meta.chunking == "even"
+    assert read_blob(tmp_path / "c.kv").meta.chunking == "fixed"
+    bad = CliRunner().invoke(app, base + ["--chunking", "halves"])
+    assert bad.exit_code == 2 and "unknown chunking 'halves'" in bad.output
 
 
 def test_adapter_records_its_layout_and_reship_changes_it(tiny_model_dir, tmp_path):
@@ -188,3 +194,9 @@ def test_adapter_records_its_layout_and_reship_changes_it(tiny_model_dir, tmp_pa
     assert load_gist_model(load_model(str(tiny_model_dir), device="cpu"), auto).positions == AUTO
     with pytest.raises(DataError, match="unknown gist position layout"):
         ship_adapter(shipped, "demo", positions="diagonal", target_root=tmp_path / "adapters")
+    assert read_gist_meta(checkpoint)["chunking"] == "fixed"  # the split is recorded like the layout
+    even = ship_adapter(shipped, "demo", chunking="even", target_root=tmp_path / "adapters")
+    assert json.loads((even / "meta.json").read_text())["chunking"] == {"trained": "fixed", "shipped": "even"}
+    assert load_gist_model(load_model(str(tiny_model_dir), device="cpu"), even).chunking == "even"
+    with pytest.raises(DataError, match="unknown chunking"):
+        ship_adapter(shipped, "demo", chunking="halves", target_root=tmp_path / "adapters")

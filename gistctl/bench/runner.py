@@ -23,6 +23,7 @@ from typing import Callable
 from gistctl import errors
 from gistctl.bench.metrics import question_type
 from gistctl.errors import ConfigError, DataError, GistctlError
+from gistctl.gist.chunks import FIXED, check_chunking
 from gistctl.kv.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
 
@@ -46,6 +47,7 @@ class MethodSpec:
     chunk_tokens: int | None = None  # gist: compress in chunks of this many tokens (an adapter's own by default)
     adapter_fingerprint: str | None = None  # gist: rows made with another adapter or chunk length are stale
     positions: str | None = None  # gist: position layout (an adapter's own by default)
+    chunking: str | None = None  # gist: how documents are split into chunks (an adapter's own by default)
 
     @property
     def slug(self) -> str:
@@ -108,15 +110,18 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
     path = path or adapter
     meta = read_gist_meta(path)
     return MethodSpec(column, "gist", adapter, chunk_tokens=int(meta["chunk_tokens"]),
-                      adapter_fingerprint=adapter_fingerprint(path), positions=meta.get("positions", SEQUENTIAL))
+                      adapter_fingerprint=adapter_fingerprint(path), positions=meta.get("positions", SEQUENTIAL),
+                      chunking=meta.get("chunking", FIXED))
 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
-                  chunk_tokens: str | None = None, positions: str | None = None) -> list[MethodSpec]:
+                  chunk_tokens: str | None = None, positions: str | None = None,
+                  chunking: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
-    adapter). `positions` ("sequential,compact"): likewise once per gist position layout."""
+    adapter). `positions` ("sequential,compact") and `chunking` ("fixed,even"): likewise once per gist position
+    layout and per way of splitting a document into chunks."""
     from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
@@ -133,7 +138,8 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                 raise ConfigError("--adapter none cannot be mixed with adapter directories; run them separately")
             if not sizes:
                 raise ConfigError("--adapter none needs --gist-sizes K (how many untrained gist tokens to use)")
-            specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k, positions=SEQUENTIAL) for k in sizes]
+            specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k, positions=SEQUENTIAL, chunking=FIXED)
+                      for k in sizes]
         elif sizes:
             if adapter_list:
                 raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
@@ -152,6 +158,9 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
     layouts = list(dict.fromkeys(check_layout(p, allow_auto=True) for p in _split(positions)))
     if layouts:
         specs = [replace(s, column=f"{s.column[:-1]},pos={p}]", positions=p) for s in specs for p in layouts]
+    splits = list(dict.fromkeys(check_chunking(c) for c in _split(chunking)))
+    if splits:
+        specs = [replace(s, column=f"{s.column[:-1]},split={c}]", chunking=c) for s in specs for c in splits]
     specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
     return specs
 
@@ -239,11 +248,13 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
     by_column = {s.column: s for s in specs}
 
     def current(row: dict) -> bool:
-        """A row of one of these columns and examples, made with the column's adapter, chunk length and layout."""
+        """A row of one of these columns and examples, made with the column's adapter, chunk length, layout and
+        chunk split (rows from before gist rows recorded chunking were all fixed)."""
         spec = by_column.get(row.get("method"))
+        chunking = row.get("chunking", FIXED if row.get("kind") == "gist" else None)
         return (spec is not None and row.get("id") in wanted
-                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"))
-                == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions))
+                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"), chunking)
+                == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions, spec.chunking))
 
     for spec in specs:
         mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}

@@ -83,6 +83,8 @@ def bench(
     positions: Optional[str] = typer.Option(None, "--positions", help="Gist position layouts, e.g. "
                                             "sequential,compact,auto: every gist column once per layout "
                                             "(default: each adapter's own)."),
+    chunking: Optional[str] = typer.Option(None, "--chunking", help="Chunk splits, e.g. fixed,even: every gist "
+                                           "column once per way of splitting documents (default: each adapter's own)."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "
                                         f"(--protocol seed: examples per set, default 20)."),
@@ -107,14 +109,14 @@ def bench(
     if protocol is None and data is None:
         raise DataError("give --data FILE (build one with `gistctl data`) or --protocol seed")
     records = read_jsonl(data) if data is not None else None
-    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions)
+    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking)
     if protocol == "seed" and not {"gist", "rag"} <= {s.kind for s in specs}:
         raise ConfigError("--protocol seed compares gist with rag; keep both in --methods")
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
-              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "limit": limit,
-              "seed": seed, "device": device, "protocol": protocol}
+              "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "chunking": chunking,
+              "limit": limit, "seed": seed, "device": device, "protocol": protocol}
     run = _open_run(run_dir, config, seed)
     if protocol == "seed":
         data = _seed_data(run, model, limit or DEFAULT_N, seed)

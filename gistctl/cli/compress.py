@@ -23,6 +23,8 @@ def compress(
     positions: str = typer.Option(None, help="Gist position layout: compact (the kept gists at positions 0..n*K-1, "
                                   "however long the document), sequential, or auto (sequential up to 2 chunks, "
                                   "compact beyond); default: the adapter's."),
+    chunking: str = typer.Option(None, help="How a document longer than one chunk is split: fixed (full chunks, "
+                                 "then the rest) or even (equal chunks); default: the adapter's."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16 or fp32."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
@@ -30,7 +32,7 @@ def compress(
     """Read a document once and keep only its gist tokens' KV cache."""
     text = read_document(document)
     gm = open_gist_model(model, adapter, num_gist=gist, chunk_tokens=chunk_tokens, device=device,
-                         positions=positions)
+                         positions=positions, chunking=chunking)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("compressing", total=None)
         blob, stats = compress_document(gm, text, dtype=dtype,
@@ -40,7 +42,7 @@ def compress(
     console.print(f"wrote {output}")
     chosen = f" ({gm.positions})" if gm.positions != blob.meta.positions else ""  # auto: which one it chose
     console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
-                  f"positions {blob.meta.positions}{chosen}")
+                  f"positions {blob.meta.positions}{chosen}" + (f"   split {blob.meta.chunking}" if stats.chunks > 1 else ""))
     console.print(f"blob bytes       {size:,}")
     console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "

@@ -30,6 +30,8 @@ def train(
     positions: str = typer.Option(None, help="Gist position layout: sequential (one masked forward per batch), "
                                   "compact (each example read chunk by chunk, as compress reads it) or auto "
                                   "(chunk by chunk, each example in the layout compress chooses for its length)."),
+    chunking: str = typer.Option(None, help="How a context longer than one chunk is split: fixed (full chunks, then "
+                                 "the rest) or even (equal chunks)."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
     init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
@@ -47,7 +49,7 @@ def train(
     from gistctl.train.loop import train as run_training
 
     overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
-                 "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr,
+                 "gist.chunking": chunking,                 "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr,
                  "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                  "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter,
                  "model.name": model, "model.device": device, "model.load_in_4bit": load_in_4bit}

@@ -15,16 +15,10 @@ import torch
 
 from gistctl import prompt
 from gistctl.errors import DataError
+from gistctl.gist.chunks import FIXED, check_chunking, split_chunks
 from gistctl.gist.mask import ANSWER, GistBatch, GistLayout, build_gist_mask
 
 IGNORE_INDEX = -100
-
-
-def split_chunks(ids: list[int], chunk_tokens: int) -> list[list[int]]:
-    """Split on token boundaries into chunks of at most `chunk_tokens` (one empty chunk for no tokens)."""
-    if not ids:
-        return [[]]
-    return [ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
 
 
 def interleave_gists(chunks: list[list[int]], gist_ids: list[int]) -> list[int]:
@@ -69,12 +63,13 @@ class GistCollator:
     """
 
     def __init__(self, tokenizer, gist_ids: list[int], max_length: int, chunk_tokens: int | None = None,
-                 spell_codes: bool = False):
+                 spell_codes: bool = False, chunking: str = FIXED):
         self.tokenizer = tokenizer
         self.spell_codes = spell_codes  # prompt.answer_ids: codes trained one character per token
         self.gist_ids = list(gist_ids)
         self.max_length = max_length
         self.chunk_tokens = chunk_tokens
+        self.chunking = check_chunking(chunking)
         self.examples_seen = 0
         self.examples_truncated = 0
 
@@ -106,7 +101,7 @@ class GistCollator:
                 low, high = (mid, high) if total(mid) <= self.max_length else (low, mid - 1)
             cut = len(context) - low
             context = context[:low]
-        chunks = split_chunks(context, chunk)
+        chunks = split_chunks(context, chunk, self.chunking)
         self.examples_seen += 1
         self.examples_truncated += cut > 0
         layout = GistLayout(tuple(len(c) for c in chunks), k, len(question), len(answer_ids))

@@ -19,6 +19,7 @@ import torch
 from gistctl.config import LoraSettings
 from gistctl.errors import ModelLoadError
 from gistctl.gist.tokens import add_gist_tokens
+from gistctl.gist.chunks import FIXED, check_chunking
 from gistctl.kv.positions import SEQUENTIAL, check_layout
 from gistctl.models import LoadedModel
 from gistctl.runs import atomic_write_json, atomic_write_text
@@ -43,6 +44,7 @@ class GistModel:
     adapter_dir: str | None = None
     adapter_fingerprint: str = NO_ADAPTER
     positions: str = SEQUENTIAL  # gist position layout for compress, or auto (gistctl.kv.positions)
+    chunking: str = FIXED  # how compress splits a document into chunks (gistctl.gist.chunks)
 
     @property
     def tokenizer(self):
@@ -84,15 +86,15 @@ def adapter_fingerprint(adapter_dir: str | Path) -> str:
 
 
 def save_adapter(peft_model, loaded: LoadedModel, gist_ids: list[int], chunk_tokens: int, directory: Path,
-                 extra_meta: dict | None = None, positions: str = SEQUENTIAL) -> str:
+                 extra_meta: dict | None = None, positions: str = SEQUENTIAL, chunking: str = FIXED) -> str:
     """Write the adapter directory (caller makes it atomic by writing into a temp dir); returns its fingerprint.
-    `chunk_tokens` and `positions` (the gist layout) are what compress will use with it."""
+    `chunk_tokens`, `positions` (the gist layout) and `chunking` are what compress will use with it."""
     directory = Path(directory)
     peft_model.save_pretrained(directory, save_embedding_layers=False)
     _sort_target_modules(directory / "adapter_config.json")
     loaded.tokenizer.save_pretrained(directory)
     meta = {"num_gist": len(gist_ids), "gist_ids": list(gist_ids), "chunk_tokens": chunk_tokens,
-            "positions": check_layout(positions, allow_auto=True),
+            "positions": check_layout(positions, allow_auto=True), "chunking": check_chunking(chunking),
             "base_model": loaded.name, "base_fingerprint": loaded.fingerprint, **(extra_meta or {})}
     atomic_write_json(directory / GIST_META, meta)
     return adapter_fingerprint(directory)
@@ -142,7 +144,8 @@ def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, 
         model = model.merge_and_unload()
     model.eval()
     return GistModel(loaded, model, gist_ids, int(meta.get("chunk_tokens", chunk_tokens)), str(adapter_dir),
-                     adapter_fingerprint(adapter_dir), check_layout(meta.get("positions", SEQUENTIAL), allow_auto=True))
+                     adapter_fingerprint(adapter_dir), check_layout(meta.get("positions", SEQUENTIAL), allow_auto=True),
+                     check_chunking(meta.get("chunking", FIXED)))  # adapters before it: fixed
 
 
 SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from gistctl import __version__
 from gistctl.errors import BlobError
+from gistctl.gist.chunks import FIXED
 from gistctl.kv.positions import SEQUENTIAL
 from gistctl.runs import atomic_path, utc_now
 
@@ -47,6 +48,7 @@ class BlobMeta:
     kv_heads: int
     head_dim: int
     positions: str = SEQUENTIAL  # the gist layout (gistctl.kv.positions); blobs before it were sequential
+    chunking: str = FIXED  # how the document was split into chunks (gistctl.gist.chunks); blobs before it: fixed
     tensor_sha256: str = ""
     format_version: int = FORMAT_VERSION
     gistctl_version: str = __version__

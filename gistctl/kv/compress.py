@@ -1,6 +1,7 @@
 """Document -> gist KV blob: read the document once, keep only the gists' keys and values.
 
-Documents longer than the adapter's chunk length are split on token boundaries; chunk i is read with
+Documents longer than the adapter's chunk length are split on token boundaries (`fixed` or `even` chunks,
+gistctl.gist.chunks); chunk i is read with
 the gists of chunks 1..i-1 in the cache (the multi-chunk gist layout), so memory stays at one chunk.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from gistctl import prompt
 from gistctl.errors import DataError
-from gistctl.gist.collate import split_chunks
+from gistctl.gist.chunks import split_chunks
 from gistctl.gist.forward import read_chunks
 from gistctl.gist.lora import GistModel
 from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob
@@ -55,7 +56,7 @@ def compress_ids(gm: GistModel, ids: list[int], *, on_chunk: Callable[[int, int]
     keys/values: (layers, kv_heads, K x chunks, head_dim) in the model's dtype. Positions follow the
     document's layout (`document_layout`, see gistctl.kv.positions).
     """
-    chunks = split_chunks(ids, gm.chunk_tokens)
+    chunks = split_chunks(ids, gm.chunk_tokens, gm.chunking)
     read = read_chunks(gm.model, chunks, gm.gist_ids, document_layout(gm, len(ids)), on_chunk=on_chunk)
     keys = torch.cat(read.keys, dim=0)  # (layers, kv_heads, K x chunks, head_dim): batch 1 -> layer axis
     values = torch.cat(read.values, dim=0)
@@ -94,7 +95,7 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
         adapter_fingerprint=gm.adapter_fingerprint, gist_ids=list(gm.gist_ids), num_gist=gm.num_gist,
         num_chunks=chunks, gist_positions=positions, next_position=next_position, rope=rope_settings(config),
         document_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), document_tokens=len(ids),
-        chunk_tokens=gm.chunk_tokens, positions=layout, dtype=dtype, layers=layers, kv_heads=kv_heads,
+        chunk_tokens=gm.chunk_tokens, chunking=gm.chunking, positions=layout, dtype=dtype, layers=layers, kv_heads=kv_heads,
         head_dim=head_dim)
     blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
     stats = CompressStats(len(ids), chunks, time.perf_counter() - start,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gistctl.gist.lora import save_adapter
+from gistctl.gist.chunks import FIXED
 from gistctl.kv.positions import SEQUENTIAL
 from gistctl.runs import atomic_write_json, atomic_write_yaml, replace_dir
 
@@ -41,7 +42,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int], chunk_tokens: int,
-                    config: dict, meta: dict, training_state: dict | None = None, positions: str = SEQUENTIAL) -> Path:
+                    config: dict, meta: dict, training_state: dict | None = None, positions: str = SEQUENTIAL,
+                    chunking: str = FIXED) -> Path:
     """Write a complete checkpoint at `directory` (replacing an older one of that name)."""
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.tmp"
@@ -49,7 +51,8 @@ def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int],
     tmp.mkdir(parents=True)
     meta = dict(meta)
     meta["adapter_fingerprint"] = save_adapter(peft_model, loaded, gist_ids, chunk_tokens, tmp,
-                                               extra_meta={"trained_steps": meta.get("step")}, positions=positions)
+                                               extra_meta={"trained_steps": meta.get("step")}, positions=positions,
+                                               chunking=chunking)
     atomic_write_yaml(tmp / "config.yaml", config)
     atomic_write_json(tmp / "meta.json", meta)
     if training_state is not None:

@@ -148,7 +148,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     examples = read_examples(cfg.data)
     eval_examples = read_examples(cfg.eval)[: cfg.eval_limit] if cfg.eval else []
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens,
-                            spell_codes=cfg.spell_codes)
+                            spell_codes=cfg.spell_codes, chunking=config.gist.chunking)
     # compact / auto gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     chunked, pad_id = config.gist.positions in CHUNKED_LAYOUTS, loaded.tokenizer.pad_token_id
     answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with a chunked layout
@@ -181,7 +181,8 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                      "rng": rng_state(), "history": history, "best": best}
         path = save_checkpoint(run_dir / name, peft_model=raw_model, loaded=loaded, gist_ids=gist_ids,
                                chunk_tokens=config.gist.chunk_tokens, config=config.to_dict(),
-                               meta=checkpoint_meta(step), training_state=state, positions=config.gist.positions)
+                               meta=checkpoint_meta(step), training_state=state, positions=config.gist.positions,
+                               chunking=config.gist.chunking)
         if name.startswith("step-"):
             prune_step_checkpoints(run_dir, KEEP_STEP_CHECKPOINTS)
         return path
@@ -244,7 +245,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
             improved = False
             if eval_examples and not overfit_steps and (done % cfg.eval_every == 0 or done == cfg.last_step):
                 gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens, adapter_fingerprint="training",
-                               positions=config.gist.positions)
+                               positions=config.gist.positions, chunking=config.gist.chunking)
                 record["eval"] = evaluate_from_blobs(gm, eval_examples)
                 if best is None or record["eval"]["overall"] > best["overall"]:
                     best = {"step": done, "overall": record["eval"]["overall"], "per_task": record["eval"]["per_task"]}

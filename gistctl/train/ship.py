@@ -24,6 +24,7 @@ from gistctl.config import PHASE_FIXED_KEYS, PHASE_GIST_KEYS, GistSettings, Lora
     TrainSettings, config_from_dict
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
+from gistctl.gist.chunks import CHUNKINGS, FIXED, check_chunking
 from gistctl.kv.positions import CHOICES, SEQUENTIAL, check_layout
 from gistctl.runs import atomic_write_json, replace_dir
 
@@ -69,13 +70,16 @@ def continuation(prior_meta: dict, source_meta: dict, source_recipe: dict) -> di
 
 
 def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, chunk_tokens: int | None = None,
-                 positions: str | None = None, after: str | Path | None = None,
+                 positions: str | None = None, chunking: str | None = None, after: str | Path | None = None,
                  target_root: Path = SHIPPED_ADAPTERS) -> Path:
-    """`chunk_tokens` / `positions`: the chunk length and gist position layout compress uses with this
-    adapter, when a measured bench (--chunk-tokens, --positions) favours other ones than it was trained
-    with; meta.json records both. `after`: the shipped adapter the run started from (`continuation`)."""
+    """`chunk_tokens` / `positions` / `chunking`: the chunk length, gist position layout and chunk split
+    compress uses with this adapter, when a measured bench (--chunk-tokens, --positions, --chunking) favours
+    other ones than it was trained with; meta.json records both. `after`: the shipped adapter the run started
+    from (`continuation`)."""
     if positions is not None:
         check_layout(positions, allow_auto=True)
+    if chunking is not None:
+        check_chunking(chunking)
     checkpoint = Path(checkpoint)
     source_meta = json.loads((checkpoint / "meta.json").read_text())
     reshipped = "recipe" in source_meta  # an adapter shipped before, not a training run's checkpoint
@@ -113,11 +117,12 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
         if continued is not None:
             meta.update(continued)
             (tmp / "config.yaml").write_text(yaml.safe_dump(meta["recipe"], sort_keys=False))  # not the run's own
-    shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions))
-               if value is not None}
+    shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions),
+                                             ("chunking", chunking)) if value is not None}
     if shipped:
         gist = read_gist_meta(tmp)
-        trained = {"chunk_tokens": gist["chunk_tokens"], "positions": gist.get("positions", SEQUENTIAL)}
+        trained = {"chunk_tokens": gist["chunk_tokens"], "positions": gist.get("positions", SEQUENTIAL),
+                   "chunking": gist.get("chunking", FIXED)}
         for key, value in shipped.items():
             earlier = meta.get(key)  # a re-ship keeps the trained value recorded the first time
             meta[key] = {"trained": earlier["trained"] if isinstance(earlier, dict) else trained[key], "shipped": value}
@@ -135,12 +140,13 @@ def main() -> None:
     parser.add_argument("--note")
     parser.add_argument("--chunk-tokens", type=int, help="chunk length compress uses (default: the trained one)")
     parser.add_argument("--positions", choices=CHOICES, help="gist position layout (default: the trained one; auto: per document)")
+    parser.add_argument("--chunking", choices=CHUNKINGS, help="chunk split: fixed or even (default: the trained one)")
     parser.add_argument("--after", help="the shipped adapter the run started from (train.init_adapter): meta.json "
                                         "records its phases, then the run's")
     args = parser.parse_args()
     try:
         print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
-                           positions=args.positions, after=args.after))
+                           positions=args.positions, chunking=args.chunking, after=args.after))
     except (GistctlError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
 
