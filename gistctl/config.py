@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gistctl.errors import ConfigError, DataError
-from gistctl.gist.chunks import CHUNKINGS, FIXED
+from gistctl.gist.chunks import CHUNKINGS, FIXED, check_chunking
 from gistctl.kv.positions import CHUNKED_LAYOUTS, SEQUENTIAL, check_layout
 
 
@@ -51,7 +51,7 @@ class GistSettings:
     # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it), and
     # auto through the same read, each example in the layout compress chooses for it
     positions: str = SEQUENTIAL
-    # how a document longer than one chunk is split (gistctl.gist.collate): fixed (full chunks, then the rest)
+    # how a document longer than one chunk is split (gistctl.gist.chunks): fixed (full chunks, then the rest)
     # or even (equal chunks)
     chunking: str = FIXED
 
@@ -157,8 +157,11 @@ def _check_training_layout(key: str, value: Any) -> None:
 
 
 def _check_chunking(key: str, value: Any) -> None:
-    if value not in CHUNKINGS:
-        raise ConfigError(f"{key} must be one of {', '.join(CHUNKINGS)}, got {value!r}")
+    """check_chunking's rule, as a config error."""
+    try:
+        check_chunking(value)
+    except DataError:
+        raise ConfigError(f"{key} must be one of {', '.join(CHUNKINGS)}, got {value!r}") from None
 
 
 @dataclass

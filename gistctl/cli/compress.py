@@ -42,7 +42,8 @@ def compress(
     console.print(f"wrote {output}")
     chosen = f" ({gm.positions})" if gm.positions != blob.meta.positions else ""  # auto: which one it chose
     console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
-                  f"positions {blob.meta.positions}{chosen}" + (f"   split {blob.meta.chunking}" if stats.chunks > 1 else ""))
+                  f"positions {blob.meta.positions}{chosen}"
+                  + (f"   split {blob.meta.chunking}" if stats.chunks > 1 else ""))  # the split matters past one chunk
     console.print(f"blob bytes       {size:,}")
     console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "

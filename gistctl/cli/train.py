@@ -49,8 +49,8 @@ def train(
     from gistctl.train.loop import train as run_training
 
     overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
-                 "gist.chunking": chunking,                 "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps, "train.lr": lr,
-                 "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+                 "gist.chunking": chunking, "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps,
+                 "train.lr": lr, "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                  "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter,
                  "model.name": model, "model.device": device, "model.load_in_4bit": load_in_4bit}
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}

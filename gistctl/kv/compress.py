@@ -95,8 +95,8 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
         adapter_fingerprint=gm.adapter_fingerprint, gist_ids=list(gm.gist_ids), num_gist=gm.num_gist,
         num_chunks=chunks, gist_positions=positions, next_position=next_position, rope=rope_settings(config),
         document_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), document_tokens=len(ids),
-        chunk_tokens=gm.chunk_tokens, chunking=gm.chunking, positions=layout, dtype=dtype, layers=layers, kv_heads=kv_heads,
-        head_dim=head_dim)
+        chunk_tokens=gm.chunk_tokens, chunking=gm.chunking, positions=layout, dtype=dtype, layers=layers,
+        kv_heads=kv_heads, head_dim=head_dim)
     blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
     stats = CompressStats(len(ids), chunks, time.perf_counter() - start,
                           kv_cache_bytes(config, len(ids), torch_dtype.itemsize))
