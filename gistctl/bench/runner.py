@@ -110,8 +110,8 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
     path = path or adapter
     meta = read_gist_meta(path)
     return MethodSpec(column, "gist", adapter, chunk_tokens=int(meta["chunk_tokens"]),
-                      adapter_fingerprint=adapter_fingerprint(path), positions=meta.get("positions", SEQUENTIAL),
-                      chunking=meta.get("chunking", FIXED))
+                      adapter_fingerprint=adapter_fingerprint(path), positions=meta["positions"],
+                      chunking=meta["chunking"])
 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,

@@ -110,10 +110,12 @@ def _sort_target_modules(path: Path) -> None:
 
 
 def read_gist_meta(adapter_dir: str | Path) -> dict:
+    """gist.json, with the reading settings adapters saved before them lacked filled in as they were then:
+    positions sequential, chunking fixed."""
     path = Path(adapter_dir) / GIST_META
     if not path.is_file():
         raise ModelLoadError(f"'{adapter_dir}' is not a gist adapter directory ({GIST_META} is missing)")
-    return json.loads(path.read_text())
+    return {"positions": SEQUENTIAL, "chunking": FIXED, **json.loads(path.read_text())}
 
 
 def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, *, num_gist: int | None = None,
@@ -144,8 +146,8 @@ def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, 
         model = model.merge_and_unload()
     model.eval()
     return GistModel(loaded, model, gist_ids, int(meta.get("chunk_tokens", chunk_tokens)), str(adapter_dir),
-                     adapter_fingerprint(adapter_dir), check_layout(meta.get("positions", SEQUENTIAL), allow_auto=True),
-                     check_chunking(meta.get("chunking", FIXED)))  # adapters before it: fixed
+                     adapter_fingerprint(adapter_dir), check_layout(meta["positions"], allow_auto=True),
+                     check_chunking(meta["chunking"]))
 
 
 SHIPPED_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"

@@ -24,8 +24,8 @@ from gistctl.config import PHASE_FIXED_KEYS, PHASE_GIST_KEYS, GistSettings, Lora
     TrainSettings, config_from_dict
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
-from gistctl.gist.chunks import CHUNKINGS, FIXED, check_chunking
-from gistctl.kv.positions import CHOICES, SEQUENTIAL, check_layout
+from gistctl.gist.chunks import CHUNKINGS, check_chunking
+from gistctl.kv.positions import CHOICES, check_layout
 from gistctl.runs import atomic_write_json, replace_dir
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.yaml", "tokenizer.json",
@@ -121,8 +121,7 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
                                              ("chunking", chunking)) if value is not None}
     if shipped:
         gist = read_gist_meta(tmp)
-        trained = {"chunk_tokens": gist["chunk_tokens"], "positions": gist.get("positions", SEQUENTIAL),
-                   "chunking": gist.get("chunking", FIXED)}
+        trained = {key: gist[key] for key in ("chunk_tokens", "positions", "chunking")}
         for key, value in shipped.items():
             earlier = meta.get(key)  # a re-ship keeps the trained value recorded the first time
             meta[key] = {"trained": earlier["trained"] if isinstance(earlier, dict) else trained[key], "shipped": value}
