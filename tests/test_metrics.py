@@ -339,3 +339,16 @@ def test_aggregate_records_as_the_builder_writes_them():
     for kind in ("count", "total"):
         assert score("aggregate", "There are 4.", ["4"], {"question_type": kind})["primary"] == 1.0
         assert score("aggregate", "There are 5.", ["4"], {"question_type": kind})["primary"] == 0.0
+
+
+def test_every_aggregate_question_type_the_builder_asks_is_scored():
+    """A question type added to the builder without a scoring rule would fail the bench at its first row."""
+    import inspect
+
+    from gistctl.bench.metrics import score
+    from gistctl.data.builders import build_aggregate
+    from gistctl.data.needles import AGGREGATE_QUESTIONS
+
+    assert inspect.signature(build_aggregate).parameters["questions"].default == AGGREGATE_QUESTIONS
+    for kind in AGGREGATE_QUESTIONS:
+        assert score("aggregate", "4", ["4"], {"question_type": kind})["primary"] == 1.0

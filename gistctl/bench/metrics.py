@@ -19,10 +19,11 @@ import re
 import string
 from collections import Counter
 
+from gistctl.data.needles import AGGREGATE_SCORING
 from gistctl.errors import DataError
 
 TASKS = ("passkey", "niah", "facts", "aggregate", "qa")
-AGGREGATE_KINDS = ("list", "count")
+AGGREGATE_KINDS = tuple(dict.fromkeys(AGGREGATE_SCORING.values()))  # ("list", "count")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -247,7 +248,7 @@ def question_type(task: str, meta: dict) -> str | None:
 def _aggregate_kind(answers: list[str], meta: dict) -> tuple[str | None, list[str]]:
     """(kind, gold answers) of an aggregate example. The aggregate builder writes `question_type`
     (list / count / total) and a list answer as one "a, b, c" string; list items are scored one by one."""
-    kind = meta.get("kind") or {"list": "list", "count": "count", "total": "count"}.get(meta.get("question_type"))
+    kind = meta.get("kind") or AGGREGATE_SCORING.get(meta.get("question_type"))
     if kind == "list":
         answers = [item.strip() for answer in answers for item in answer.split(",") if item.strip()]
     return kind, answers

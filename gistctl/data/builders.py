@@ -15,8 +15,8 @@ from typing import Iterator
 
 from gistctl.data.haystack import CLASSIC_FILLER, FillerPool, Haystack, compose, load_haystack
 from gistctl.data.lengths import LengthSpec, count_tokens, count_tokens_batch, parse_range
-from gistctl.data.needles import (AGGREGATE_FAMILIES, KINDS, TEMPLATES, draw_passkey, draw_subjects,
-                                  draw_value)
+from gistctl.data.needles import (AGGREGATE_FAMILIES, AGGREGATE_QUESTIONS, KINDS, TEMPLATES, draw_passkey,
+                                  draw_subjects, draw_value)
 from gistctl.errors import ConfigError, DataError
 
 SEED_STRIDE = 1_000_000  # examples per seed; example seeds of different build seeds never collide
@@ -194,9 +194,6 @@ def build_facts(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: H
                 "asked": asked, "seed": example_seed(seed, i), "source": haystack.source,
                 "tokenizer": tokenizer_name(tokenizer)}
         yield _record("facts", seed, i, context, question, [values[asked]], meta)
-
-
-AGGREGATE_QUESTIONS = ("list", "count", "total")
 
 
 def aggregate_answer(family: str, question_type: str, items: list[tuple[str, str]], asked_value: str | None) -> str:

@@ -67,6 +67,10 @@ def draw_passkey(rng: random.Random, key_format: str) -> str:
     raise ValueError(f"unknown key format {key_format!r}")
 
 
+# The aggregate question types and how each is scored: a list answer item by item, a count or total as a number.
+AGGREGATE_SCORING = {"list": "list", "count": "count", "total": "count"}
+AGGREGATE_QUESTIONS = tuple(AGGREGATE_SCORING)
+
 # Aggregate families: one statement per planted item, a distinct id per item, a value from a small set.
 AGGREGATE_FAMILIES = {
     "doors": {
