@@ -4,8 +4,8 @@ from gistctl.config import GistctlConfig, config_from_dict, load_config
 from gistctl.errors import ConfigError
 
 # the seeds of the bench sets (README, Results): 9001-9007 passkey/niah/facts/aggregate, 9008 aggregate_40,
-# 9009 passkey_2chunk (fixed vs even chunks), 9010 passkey_160
-BENCH_SEEDS = set(range(9001, 9011))
+# 9009 passkey_2chunk (fixed vs even chunks), 9010 passkey_160, 9011 passkey_160b (p7-two-chunk vs the shipped adapter)
+BENCH_SEEDS = set(range(9001, 9012))
 
 
 def test_defaults_yaml_then_flags(tmp_path):
