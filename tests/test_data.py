@@ -10,6 +10,7 @@ import pytest
 from tiny import build_tokenizer
 from typer.testing import CliRunner
 
+from gistctl.bench.metrics import score
 from gistctl.cli.main import app
 from gistctl.data.builders import build_aggregate, build_facts, build_niah, build_passkey
 from gistctl.data.haystack import builtin_haystack, haystack_from_dir
@@ -257,12 +258,41 @@ def test_aggregate_questions_choose_the_types_asked(tok, hay_dir):
         list(build_aggregate(tok, n=1, seed=12, tokens=parse_lengths("600"), haystack=hay, questions=("sum",)))
 
 
+def test_itemized_counts_train_the_items_in_text_order_then_the_number_scored_as_before(tok, hay_dir):
+    hay = haystack_from_dir(hay_dir)
+    build = lambda counts: list(build_aggregate(tok, n=9, seed=13, tokens=parse_lengths("900"), haystack=hay,
+                                                items="3..7", counts=counts))
+    plain, itemized = build("number"), build("itemized")
+    patterns = {"doors": r"painted (\w+)\.", "ships": r"carrying (\w+)\.", "birds": r"counted a (\w+)\."}
+    for a, b in zip(plain, itemized):
+        # the same example, question and scored answer; only what training says differs
+        assert (a["context"], a["question"], a["answers"]) == (b["context"], b["question"], b["answers"])
+        assert "completion" not in a["meta"]
+        if b["meta"]["question_type"] == "list":
+            assert "completion" not in b["meta"]
+            continue
+        completion = b["meta"]["completion"]
+        values_in_text = re.findall(patterns[b["meta"]["family"]], b["context"])
+        sequence, number = completion.rsplit(": ", 1)
+        items, label = sequence.split("; ")
+        assert items.split(", ") == values_in_text
+        assert number == b["answers"][0] == recompute_aggregate(b)
+        assert label == (b["meta"]["asked_value"] if b["meta"]["question_type"] == "count" else "all")
+        assert score("aggregate", completion, b["answers"], b["meta"])["primary"] == 1.0
+    with pytest.raises(ConfigError, match="unknown count format 'words'"):
+        list(build_aggregate(tok, n=1, seed=13, tokens=parse_lengths("600"), haystack=hay, counts="words"))
+
+
 def test_mix_passes_aggregate_questions_as_list_or_string(tok, hay_dir):
     for questions in (["total"], "total"):
         recipe = small_recipe(haystack_dir=str(hay_dir), components=[
             {"task": "aggregate", "weight": 1, "tokens": "600", "options": {"items": "3..5", "questions": questions}}])
         splits = build_mix(tok, validate_recipe(recipe))
         assert {r["meta"]["question_type"] for split in splits.values() for r in split} == {"total"}
+    recipe = small_recipe(haystack_dir=str(hay_dir), components=[
+        {"task": "aggregate", "weight": 1, "tokens": "600", "options": {"items": "3..5", "counts": "itemized"}}])
+    records = [r for split in build_mix(tok, validate_recipe(recipe)).values() for r in split]
+    assert all(("completion" in r["meta"]) == (r["meta"]["question_type"] != "list") for r in records)
 
 
 # ---------------------------------------------------------------- qa

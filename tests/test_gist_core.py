@@ -87,6 +87,24 @@ def test_collator_labels_only_on_answers(fresh):
     assert collator.examples_truncated == 0
 
 
+def test_collator_trains_on_meta_completion_when_a_record_has_one(fresh):
+    from gistctl.train.evaluate import answer_budget
+
+    gist_ids = add_gist_tokens(fresh.model, fresh.tokenizer, 2)
+    collator = GistCollator(fresh.tokenizer, gist_ids, max_length=512)
+    record = {"context": "The door of house number 7 is painted red. " * 3, "question": "How many doors are red?",
+              "answers": ["3"], "meta": {"completion": "red, red, red; red: 3"}}
+    encoded = collator.encode(record)
+    said = fresh.tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
+    assert said.startswith("red, red, red; red: 3") and said.endswith(fresh.tokenizer.eos_token)
+    plain = collator.encode({**record, "meta": {}})
+    assert fresh.tokenizer.decode([t for t in plain.labels if t != IGNORE_INDEX]).startswith("3")
+    # evaluation during training leaves room to say all of it
+    long = len(fresh.tokenizer(record["meta"]["completion"], add_special_tokens=False)["input_ids"])
+    assert answer_budget(fresh.tokenizer, record, 2) == long + 4 > 2
+    assert answer_budget(fresh.tokenizer, {**record, "meta": {}}, 16) == 16
+
+
 def test_spell_codes_trains_a_code_one_character_per_token_and_leaves_words_alone():
     from transformers import AutoTokenizer
 

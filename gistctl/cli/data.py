@@ -131,7 +131,10 @@ def aggregate(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path =
               haystack_dir: Optional[Path] = HAYSTACK,
               items: str = typer.Option("4..12", "--items", help="Planted items per context: a number or a range."),
               questions: str = typer.Option("list,count,total", "--questions",
-                                            help="Question types, cycled: list, count (one kind), total.")) -> None:
+                                            help="Question types, cycled: list, count (one kind), total."),
+              counts: str = typer.Option("number", "--counts",
+                                         help="How count/total answers are trained: number, or itemized (every "
+                                              "item's value in order, then the number; meta.completion).")) -> None:
     """Items planted throughout the text; questions about all of them (list, count) with exact answers."""
     from gistctl.data.builders import build_aggregate
     from gistctl.data.lengths import parse_lengths, parse_range
@@ -141,7 +144,7 @@ def aggregate(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path =
     haystack = _haystack(haystack_dir)
     tok = _tokenizer(model)
     records = build_aggregate(tok, n=n, seed=seed, tokens=lengths, haystack=haystack, items=items,
-                              questions=tuple(q.strip() for q in questions.split(",") if q.strip()))
+                              questions=tuple(q.strip() for q in questions.split(",") if q.strip()), counts=counts)
     _write(_collect(records, n, "aggregate"), output)
 
 

@@ -22,6 +22,7 @@ from gistctl.errors import ConfigError, DataError
 SEED_STRIDE = 1_000_000  # examples per seed; example seeds of different build seeds never collide
 TOLERANCE = 0.02  # re-assemble when the measured context misses the target by more than this
 MAX_TRIES = 20  # value redraws when a needle value happens to occur in the filler
+COUNT_FORMATS = ("number", "itemized")  # how aggregate count/total answers are trained (build_aggregate `counts`)
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -209,11 +210,27 @@ def aggregate_answer(family: str, question_type: str, items: list[tuple[str, str
     raise ValueError(f"unknown aggregate question type {question_type!r}")
 
 
+def itemized_completion(question_type: str, items: list[tuple[str, str]], asked_value: str | None) -> str | None:
+    """The answer a model is trained to give with `counts="itemized"`: every item's value in the order of the
+    text, then the number (`count`: "blue, grey, grey, red; grey: 2"; `total`: "blue, grey, grey, red; all: 4").
+    The number is the first one in it, so it scores as the plain count does. None for `list` (answered as is)."""
+    if question_type == "list":
+        return None
+    values = [v for _, v in items]
+    label, number = (asked_value, Counter(values)[asked_value]) if question_type == "count" else ("all", len(values))
+    return f"{', '.join(values)}; {label}: {number}"
+
+
 def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: Haystack | None = None,
-                    items: str | int = "4..12", questions: tuple[str, ...] = AGGREGATE_QUESTIONS) -> Iterator[dict]:
+                    items: str | int = "4..12", questions: tuple[str, ...] = AGGREGATE_QUESTIONS,
+                    counts: str = "number") -> Iterator[dict]:
     """Items planted throughout the text (door colours, ship cargoes, bird sightings); the question is about
     all of them (list the distinct values, count one value, count all), so no single chunk answers it.
-    `questions`: the question types asked, cycled (each family in turn gets each type)."""
+    `questions`: the question types asked, cycled (each family in turn gets each type). `counts`: "number"
+    trains count and total questions on the bare number; "itemized" adds `meta.completion` (see
+    `itemized_completion`), what training then teaches the model to say. The answers scored are the same."""
+    if counts not in COUNT_FORMATS:
+        raise ConfigError(f"unknown count format {counts!r}; use {', '.join(COUNT_FORMATS)}")
     lo, hi = parse_range(items, "--items", 2, 40)
     unknown = set(questions) - set(AGGREGATE_QUESTIONS)
     if unknown or not questions:
@@ -244,4 +261,7 @@ def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystac
                 "asked_value": asked_value, "items": [[item_id, v] for item_id, v in planted],
                 "offsets": offsets, "seed": example_seed(seed, i), "source": haystack.source,
                 "tokenizer": tokenizer_name(tokenizer)}
+        completion = itemized_completion(question_type, planted, asked_value) if counts == "itemized" else None
+        if completion is not None:
+            meta["completion"] = completion
         yield _record("aggregate", seed, i, context, question, [answer], meta)

@@ -2,7 +2,9 @@
 
 A record is one line: `{"id", "task", "context", "question", "answers": [..], "meta": {..}}`.
 `meta` holds at least `target_tokens` and `context_tokens` (measured with the model's tokenizer),
-`seed` (the example's own seed) and `source`; builders with needles add `depth` (0..1).
+`seed` (the example's own seed) and `source`; builders with needles add `depth` (0..1). `meta.completion`,
+when present, is what training teaches the model to say instead of `answers[0]` (aggregate `--counts itemized`);
+`answers` are still what is scored.
 A prediction is correct when it contains one of `answers` exactly (they are short, checkable spans).
 """
 

@@ -75,6 +75,8 @@ class GistCollator:
 
     def encode(self, example: dict) -> EncodedExample:
         answer = example.get("answer")
+        if answer is None:  # what the model is trained to say: meta.completion where a builder set one
+            answer = (example.get("meta") or {}).get("completion")
         if answer is None:
             answers = example.get("answers") or []
             if not answers:
