@@ -373,3 +373,37 @@ def test_a_row_cut_short_by_a_crash_is_dropped(tmp_path):
     path.write_text('{"method": "fu\n{"method": "full", "id": "b"}\n')
     with pytest.raises(Exception, match="predictions.jsonl:1"):
         load_predictions(path)
+
+
+def test_itemized_counts_split_a_wrong_number_into_recall_and_counting(tmp_path):
+    from gistctl.bench.itemized import check_itemized, check_run
+    from gistctl.data.schema import write_jsonl
+
+    meta = {"question_type": "count", "asked_value": "red", "items": [["1", "red"], ["2", "blue"], ["3", "red"]]}
+    right = check_itemized("red, blue, red; red: 2", meta)
+    assert right.itemized and right.items_right and right.length_right and right.self_consistent and right.number_right
+    miscounted = check_itemized("red, blue, red; red: 3", meta)  # recalled the items, counted them wrong
+    assert miscounted.items_right and not miscounted.self_consistent and not miscounted.number_right
+    misrecalled = check_itemized("red, blue; red: 1", meta)  # counted what it said, said too few
+    assert not misrecalled.items_right and not misrecalled.length_right and misrecalled.self_consistent
+    total = {**meta, "question_type": "total", "asked_value": None}
+    assert check_itemized("red, blue, blue; all: 3", total).number_right and \
+        not check_itemized("red, blue, blue; all: 3", total).items_right
+    assert check_itemized("2", meta) == type(right)(itemized=False)
+
+    records = [{"id": f"a{i}", "task": "aggregate", "context": "text", "question": "q", "answers": [a],
+                "meta": {**m, "context_tokens": 10, "target_tokens": 10}}
+               for i, (a, m) in enumerate([("2", meta), ("3", total), ("blue, red", {"question_type": "list"})])]
+    write_jsonl(tmp_path / "agg.jsonl", records)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(f"data: {tmp_path / 'agg.jsonl'}\n")
+    rows = [("gist", "a0", "red, blue, red; red: 3"), ("gist", "a1", "red, blue, red; all: 3"),
+            ("gist", "a2", "blue, red"), ("rag", "a0", "2"), ("rag", "a1", "3")]
+    (tmp_path / "run" / "predictions.jsonl").write_text("".join(
+        json.dumps({"method": m, "id": i, "task": "aggregate", "prediction": p}) + "\n" for m, i, p in rows))
+    table = check_run(tmp_path / "run")
+    assert table["gist"]["count"] == {"n": 1, "itemized": 1, "items_right": 1, "length_right": 1,
+                                      "self_consistent": 0, "number_right": 0}
+    assert table["gist"]["total"]["number_right"] == 1 and "list" not in table["gist"]
+    assert table["rag"]["count"] == {"n": 1, "itemized": 0, "items_right": 0, "length_right": 0,
+                                     "self_consistent": 0, "number_right": 0}

@@ -1,0 +1,88 @@
+"""How itemized counts went: did the model recall the items, and did it count what it said?
+
+    python -m gistctl.bench.itemized runs/bench-p8-agg50
+
+An adapter trained with `data aggregate --counts itemized` answers a count or total question with every item's
+value in the order of the text, then the number ("red, blue, red; red: 2"). For each such answer of a bench run
+this splits a wrong count into its two possible causes: the items said are not the document's (recall, from the
+blob), or the number does not count the items it said (counting, from its own words). Answers that are not
+itemized (other adapters, RAG, full context) are counted as such and left out of the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gistctl.bench.metrics import first_number
+from gistctl.bench.runner import PREDICTIONS, load_predictions
+from gistctl.data.needles import AGGREGATE_SCORING
+from gistctl.data.schema import read_jsonl
+
+_ITEMIZED = re.compile(r"^\s*(?P<items>[^;]*);\s*(?P<label>[^:]+):\s*(?P<number>\S+)")
+
+
+@dataclass
+class ItemizedCheck:
+    itemized: bool  # the answer has the shape "a, b, c; label: n"
+    items_right: bool = False  # the items said are the document's values, in order
+    length_right: bool = False  # as many items said as the document has (for `count`: of the asked value)
+    self_consistent: bool = False  # the number counts the items it said (of the label's value, or all)
+    number_right: bool = False  # the number is the right count
+
+
+def check_itemized(prediction: str, meta: dict) -> ItemizedCheck:
+    """Check one answer to a count/total question against the items planted (`meta.items`: [[id, value], ...])."""
+    match = _ITEMIZED.match(prediction)
+    if not match:
+        return ItemizedCheck(itemized=False)
+    said = [item.strip() for item in match["items"].split(",") if item.strip()]
+    values = [value for _, value in meta["items"]]
+    asked = meta.get("asked_value")
+    number = first_number(match["number"])
+    if meta["question_type"] == "count":
+        said_count, true_count = said.count(asked), values.count(asked)
+    else:
+        said_count, true_count = len(said), len(values)
+    return ItemizedCheck(itemized=True, items_right=said == values, length_right=len(said) == len(values),
+                         self_consistent=number == said_count, number_right=number == true_count)
+
+
+def check_run(run_dir: str | Path) -> dict[str, dict[str, dict[str, int]]]:
+    """Per bench column and question type (count, total): how many answers, itemized, and each check passed."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    records = {r["id"]: r for r in read_jsonl(config["data"])}
+    table: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for row in load_predictions(run_dir / PREDICTIONS):
+        meta = records[row["id"]]["meta"]
+        if row["task"] != "aggregate" or AGGREGATE_SCORING.get(meta.get("question_type")) != "count":
+            continue
+        check = check_itemized(row["prediction"] or "", meta)
+        counts = table[row["method"]][meta["question_type"]]
+        counts["n"] += 1
+        for name, passed in vars(check).items():
+            counts[name] += passed
+    return {method: {qt: dict(c) for qt, c in by_type.items()} for method, by_type in table.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / PREDICTIONS).is_file():
+        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
+    fields = [f for f in ItemizedCheck.__dataclass_fields__]
+    print("method\tquestion\tn\t" + "\t".join(fields))
+    for method, by_type in check_run(args.run_dir).items():
+        for question_type, counts in sorted(by_type.items()):
+            print(f"{method}\t{question_type}\t{counts['n']}\t" + "\t".join(str(counts.get(f, 0)) for f in fields))
+
+
+if __name__ == "__main__":
+    main()
