@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (Path(args.run_dir) / PREDICTIONS).is_file():
         parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
-    fields = [f for f in ItemizedCheck.__dataclass_fields__]
-    print("method\tquestion\tn\t" + "\t".join(fields))
+    names = [f.name for f in fields(ItemizedCheck)]
+    print("method\tquestion\tn\t" + "\t".join(names))
     for method, by_type in check_run(args.run_dir).items():
         for question_type, counts in sorted(by_type.items()):
-            print(f"{method}\t{question_type}\t{counts['n']}\t" + "\t".join(str(counts.get(f, 0)) for f in fields))
+            print(f"{method}\t{question_type}\t{counts['n']}\t" + "\t".join(str(counts.get(name, 0)) for name in names))
 
 
 if __name__ == "__main__":
