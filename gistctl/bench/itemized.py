@@ -24,7 +24,7 @@ from gistctl.bench.runner import PREDICTIONS, load_predictions
 from gistctl.data.needles import AGGREGATE_SCORING
 from gistctl.data.schema import read_jsonl
 
-_ITEMIZED = re.compile(r"^\s*(?P<items>[^;]*);\s*(?P<label>[^:]+):\s*(?P<number>\S+)")
+_ITEMIZED = re.compile(r"^\s*(?P<items>[^;]*);[^:]+:\s*(?P<number>\S+)")  # "a, b, c; label: n"
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ItemizedCheck:
     itemized: bool  # the answer has the shape "a, b, c; label: n"
     items_right: bool = False  # the items said are the document's values, in order
     length_right: bool = False  # as many items said as the document has (for `count`: of the asked value)
-    self_consistent: bool = False  # the number counts the items it said (of the label's value, or all)
+    self_consistent: bool = False  # the number counts the items it said (of the asked value, or all)
     number_right: bool = False  # the number is the right count
 
 

@@ -210,15 +210,15 @@ def aggregate_answer(family: str, question_type: str, items: list[tuple[str, str
     raise ValueError(f"unknown aggregate question type {question_type!r}")
 
 
-def itemized_completion(question_type: str, items: list[tuple[str, str]], asked_value: str | None) -> str | None:
+def itemized_completion(question_type: str, items: list[tuple[str, str]], asked_value: str | None,
+                        answer: str) -> str | None:
     """The answer a model is trained to give with `counts="itemized"`: every item's value in the order of the
-    text, then the number (`count`: "blue, grey, grey, red; grey: 2"; `total`: "blue, grey, grey, red; all: 4").
-    The number is the first one in it, so it scores as the plain count does. None for `list` (answered as is)."""
+    text, then the count `answer` (`count`: "blue, grey, grey, red; grey: 2"; `total`: "blue, grey, grey, red;
+    all: 4"). The number is the first one in it, so it scores as the plain count does. None for `list`."""
     if question_type == "list":
         return None
-    values = [v for _, v in items]
-    label, number = (asked_value, Counter(values)[asked_value]) if question_type == "count" else ("all", len(values))
-    return f"{', '.join(values)}; {label}: {number}"
+    label = asked_value if question_type == "count" else "all"
+    return f"{', '.join(v for _, v in items)}; {label}: {answer}"
 
 
 def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: Haystack | None = None,
@@ -261,7 +261,7 @@ def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystac
                 "asked_value": asked_value, "items": [[item_id, v] for item_id, v in planted],
                 "offsets": offsets, "seed": example_seed(seed, i), "source": haystack.source,
                 "tokenizer": tokenizer_name(tokenizer)}
-        completion = itemized_completion(question_type, planted, asked_value) if counts == "itemized" else None
+        completion = itemized_completion(question_type, planted, asked_value, answer) if counts == "itemized" else None
         if completion is not None:
             meta["completion"] = completion
         yield _record("aggregate", seed, i, context, question, [answer], meta)
