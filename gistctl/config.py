@@ -79,7 +79,7 @@ class LoraSettings:
         self.target_modules = list(self.target_modules)
 
 
-GRAD_CHUNKS = ("all", "answer")
+GRAD_CHUNKS = ("all", "answer", "copied")
 
 
 def _check_stop_at_step(where: str, stop_at_step: int | None, max_steps: int) -> None:
@@ -109,7 +109,9 @@ class TrainSettings:
     stop_at_eval: float | None = None  # finish early (final/) once an evaluation scores at least this
     stop_at_step: int | None = None  # finish (final/) after this step; warmup and cosine still span max_steps
     save_every: int = 50
-    # compact / auto positions only: "answer" backpropagates only through the chunks holding the answer
+    # compact / auto positions only: "answer" backpropagates only through the chunks holding the answer;
+    # "copied" does so only for tasks whose answer is copied from the text (an aggregate count "3" found in
+    # "house number 23" is a coincidence: those examples backpropagate through every chunk)
     grad_chunks: str = "all"
     # answers that are codes (pass keys, ids, numbers) are trained one character per token (prompt.answer_ids)
     spell_codes: bool = False
@@ -221,8 +223,9 @@ class GistctlConfig:
         # each phase trains with its own positions and grad_chunks: check them all before anything runs
         runs = [(p.gist.get("positions", self.gist.positions), p.train.get("grad_chunks", self.train.grad_chunks))
                 for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
-        if any(grad == "answer" and positions not in CHUNKED_LAYOUTS for positions, grad in runs):
-            raise ConfigError("train.grad_chunks: answer needs gist.positions: compact or auto (the sequential "
+        if any(grad != "all" and positions not in CHUNKED_LAYOUTS for positions, grad in runs):
+            raise ConfigError("train.grad_chunks: answer or copied needs gist.positions: compact or auto (the "
+                              "sequential "
                               "layout trains one masked forward over the whole example, not chunk by chunk)")
 
     def total_steps(self) -> int:

@@ -116,7 +116,7 @@ def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_
     path.write_text("gist: {positions: compact}\ntrain: {grad_chunks: answer}\nphases:\n"
                     "  - {name: a, recipe: configs/data_mix_long.yaml}\n"
                     "  - {name: b, recipe: configs/data_mix_long.yaml, gist: {positions: sequential}}\n")
-    with pytest.raises(ConfigError, match="grad_chunks: answer needs gist.positions: compact"):
+    with pytest.raises(ConfigError, match="grad_chunks: answer or copied needs gist.positions: compact"):
         load_config(path)
     path.write_text(path.read_text().replace("positions: sequential", "chunk_tokens: 512"))
     assert [p.name for p in load_config(path).phases] == ["a", "b"]

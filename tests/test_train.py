@@ -542,6 +542,24 @@ def test_answer_chunks_are_the_chunks_whose_text_holds_the_answer(tiny_model_dir
     assert answer_chunks(tokenizer, chunks, "green, blue") == ()  # not verbatim in the text
 
 
+def test_grad_chunks_copied_looks_up_answer_chunks_only_for_answers_copied_from_the_text(tiny_model_dir):
+    """A count "3" found in "house number 23" is a coincidence: with answer_chunks_for (grad_chunks: copied)
+    an aggregate example reads every chunk with gradients, a passkey still only its answer's chunk."""
+    from gistctl.data.schema import COPIED_TASKS
+    from gistctl.gist.collate import GistCollator
+    from gistctl.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    context = "The grass is green. " * 5 + "The door of house number 23 is painted red. " + "The sky is blue. " * 5
+    count = {"task": "aggregate", "context": context, "question": "How many doors are red?", "answers": ["3"]}
+    key = {**count, "task": "passkey", "context": context.replace("23", "QX7R2B"), "answers": ["QX7R2B"]}
+    every_task = GistCollator(loaded.tokenizer, [0, 1], 512, 8)
+    copied = GistCollator(loaded.tokenizer, [0, 1], 512, 8, answer_chunks_for=COPIED_TASKS)
+    assert 0 < len(every_task.encode(count).answer_chunks) < len(every_task.encode(count).layout.chunks)
+    assert copied.encode(count).answer_chunks == ()  # () reads every chunk with gradients
+    assert copied.encode(key).answer_chunks == every_task.encode(key).answer_chunks != ()
+
+
 def test_answer_chunks_only_reads_the_other_chunks_without_gradients(tiny_model_dir):
     """train.grad_chunks: answer: the loss is the compact loss, but only the chunks holding the answer
     are read with gradients (the rest under no_grad), so the gradient differs from the full one."""
@@ -581,3 +599,5 @@ def test_grad_chunks_setting_is_checked(tiny_model_dir, data_file, tmp_path):
         settings(tiny_model_dir, data_file, grad_chunks="some")
     with pytest.raises(Exception, match="needs gist.positions: compact"):
         train(settings(tiny_model_dir, data_file, grad_chunks="answer", max_steps=1), tmp_path / "run")
+    with pytest.raises(Exception, match="needs gist.positions: compact"):
+        train(settings(tiny_model_dir, data_file, grad_chunks="copied", max_steps=1), tmp_path / "run")

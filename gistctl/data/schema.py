@@ -18,6 +18,7 @@ from gistctl.errors import DataError
 from gistctl.runs import atomic_write_text
 
 TASKS = ("passkey", "niah", "facts", "aggregate", "qa")
+COPIED_TASKS = ("passkey", "niah", "facts", "qa")  # answers are spans of the context (aggregate: computed)
 FIELDS = ("id", "task", "context", "question", "answers", "meta")
 
 

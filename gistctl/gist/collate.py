@@ -8,6 +8,7 @@ is cut (its end); gists, question and answer always stay whole.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -63,13 +64,14 @@ class GistCollator:
     """
 
     def __init__(self, tokenizer, gist_ids: list[int], max_length: int, chunk_tokens: int | None = None,
-                 spell_codes: bool = False, chunking: str = FIXED):
+                 spell_codes: bool = False, chunking: str = FIXED, answer_chunks_for: Collection[str] | None = None):
         self.tokenizer = tokenizer
         self.spell_codes = spell_codes  # prompt.answer_ids: codes trained one character per token
         self.gist_ids = list(gist_ids)
         self.max_length = max_length
         self.chunk_tokens = chunk_tokens
         self.chunking = check_chunking(chunking)
+        self.answer_chunks_for = answer_chunks_for  # tasks whose answer chunks are looked up (None: every task)
         self.examples_seen = 0
         self.examples_truncated = 0
 
@@ -109,7 +111,9 @@ class GistCollator:
         layout = GistLayout(tuple(len(c) for c in chunks), k, len(question), len(answer_ids))
         ids = interleave_gists(chunks, self.gist_ids) + question + answer_ids
         labels = [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
-        return EncodedExample(ids, labels, layout, cut, answer_chunks(self.tokenizer, chunks, str(answer)))
+        look_up = self.answer_chunks_for is None or example.get("task") in self.answer_chunks_for
+        found = answer_chunks(self.tokenizer, chunks, str(answer)) if look_up else ()
+        return EncodedExample(ids, labels, layout, cut, found)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_encoded([self.encode(e) for e in examples], self.tokenizer.pad_token_id)

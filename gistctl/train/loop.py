@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from gistctl.config import GistctlConfig
+from gistctl.data.schema import COPIED_TASKS
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
@@ -148,10 +149,11 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     examples = read_examples(cfg.data)
     eval_examples = read_examples(cfg.eval)[: cfg.eval_limit] if cfg.eval else []
     collator = GistCollator(loaded.tokenizer, gist_ids, cfg.max_length, config.gist.chunk_tokens,
-                            spell_codes=cfg.spell_codes, chunking=config.gist.chunking)
+                            spell_codes=cfg.spell_codes, chunking=config.gist.chunking,
+                            answer_chunks_for=COPIED_TASKS if cfg.grad_chunks == "copied" else None)
     # compact / auto gist positions: each example is read chunk by chunk as compress reads it (no collated batch)
     chunked, pad_id = config.gist.positions in CHUNKED_LAYOUTS, loaded.tokenizer.pad_token_id
-    answer_chunks_only = cfg.grad_chunks == "answer"  # the config checked it goes with a chunked layout
+    answer_chunks_only = cfg.grad_chunks != "all"  # the config checked it goes with a chunked layout
     use_bf16 = cfg.bf16 and bf16_is_native(accelerator.device)  # emulated bf16 is slower than fp32
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world
