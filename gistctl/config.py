@@ -225,8 +225,7 @@ class GistctlConfig:
                 for p in self.phases] or [(self.gist.positions, self.train.grad_chunks)]
         if any(grad != "all" and positions not in CHUNKED_LAYOUTS for positions, grad in runs):
             raise ConfigError("train.grad_chunks: answer or copied needs gist.positions: compact or auto (the "
-                              "sequential "
-                              "layout trains one masked forward over the whole example, not chunk by chunk)")
+                              "sequential layout trains one masked forward over the whole example, not chunk by chunk)")
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: the sum over phases, or the run's own without phases."""
