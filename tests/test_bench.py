@@ -407,3 +407,30 @@ def test_itemized_counts_split_a_wrong_number_into_recall_and_counting(tmp_path)
     assert table["gist"]["total"]["number_right"] == 1 and "list" not in table["gist"]
     assert table["rag"]["count"] == {"n": 1, "itemized": 0, "items_right": 0, "length_right": 0,
                                      "self_consistent": 0, "number_right": 0}
+
+
+def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_path):
+    from gistctl.bench.lists import check_run, recall_by_mentions, repeats_an_item
+    from gistctl.data.schema import write_jsonl
+
+    items = [["1", "wren"], ["2", "plover"], ["3", "wren"], ["4", "heron"], ["5", "wren"], ["6", "plover"]]
+    meta = {"question_type": "list", "items": items}  # heron once, plover twice, wren three times
+    assert recall_by_mentions("plover, plover", meta) == {"1": (0, 1), "2": (1, 1), "3+": (0, 1)}
+    assert recall_by_mentions("Heron, plover and wren.", meta) == {"1": (1, 1), "2": (1, 1), "3+": (1, 1)}
+    assert repeats_an_item("plover, Plover.") and not repeats_an_item("heron, plover") and not repeats_an_item("")
+
+    records = [{"id": "a0", "task": "aggregate", "context": "text", "question": "q", "answers": ["heron, plover, wren"],
+                "meta": {**meta, "context_tokens": 10, "target_tokens": 10}},
+               {"id": "a1", "task": "aggregate", "context": "text", "question": "q", "answers": ["1"],
+                "meta": {"question_type": "count", "asked_value": "wren", "items": items, "context_tokens": 10,
+                         "target_tokens": 10}}]
+    write_jsonl(tmp_path / "agg.jsonl", records)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(f"data: {tmp_path / 'agg.jsonl'}\n")
+    rows = [("gist", "a0", "wren, wren"), ("gist", "a1", "3"), ("rag", "a0", "heron, plover")]
+    (tmp_path / "run" / "predictions.jsonl").write_text("".join(
+        json.dumps({"method": m, "id": i, "task": "aggregate", "prediction": p}) + "\n" for m, i, p in rows))
+    table = check_run(tmp_path / "run")
+    assert table["gist"] == {"answers": 1, "repeats": 1, "recalled_1": 0, "values_1": 1, "recalled_2": 0,
+                             "values_2": 1, "recalled_3+": 1, "values_3+": 1}
+    assert table["rag"]["recalled_1"] == 1 and table["rag"]["recalled_3+"] == 0 and table["rag"]["repeats"] == 0

@@ -283,6 +283,28 @@ def test_itemized_counts_train_the_items_in_text_order_then_the_number_scored_as
         list(build_aggregate(tok, n=1, seed=13, tokens=parse_lengths("600"), haystack=hay, counts="words"))
 
 
+def test_aggregate_values_sets_how_many_distinct_values_each_planted_at_least_once(tok, hay_dir):
+    hay = haystack_from_dir(hay_dir)
+    build = lambda **kw: list(build_aggregate(tok, n=9, seed=14, tokens=parse_lengths("900"), haystack=hay,
+                                              items="4..6", questions=("list",), **kw))
+    for r in build(values=6):  # capped at each context's 4..6 items: every value mentioned once
+        planted = [v for _, v in r["meta"]["items"]]
+        assert len(set(planted)) == len(planted)
+        assert recompute_aggregate(r) == r["answers"][0]
+    assert all(4 <= len({v for _, v in r["meta"]["items"]}) <= len(r["meta"]["items"]) for r in build(values="4..6"))
+    some = build(values=2)
+    assert all(len({v for _, v in r["meta"]["items"]}) == 2 for r in some)
+    default = build()  # the palette draw every recipe so far was built with, unchanged
+    assert [r["context"] for r in default] == [r["context"] for r in build(values=None)]
+    assert any(len({v for _, v in r["meta"]["items"]}) < len(r["meta"]["items"]) for r in default)
+    with pytest.raises(ConfigError, match="--values"):
+        build(values="0..3")
+    recipe = small_recipe(haystack_dir=str(hay_dir), components=[
+        {"task": "aggregate", "weight": 1, "tokens": "600", "options": {"items": 3, "values": 3, "questions": "list"}}])
+    records = [r for split in build_mix(tok, validate_recipe(recipe)).values() for r in split]
+    assert records and all(len({v for _, v in r["meta"]["items"]}) == 3 for r in records)
+
+
 def test_mix_passes_aggregate_questions_as_list_or_string(tok, hay_dir):
     for questions in (["total"], "total"):
         recipe = small_recipe(haystack_dir=str(hay_dir), components=[

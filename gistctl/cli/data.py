@@ -134,17 +134,24 @@ def aggregate(n: int = N, seed: int = SEED, tokens: str = TOKENS, output: Path =
                                             help="Question types, cycled: list, count (one kind), total."),
               counts: str = typer.Option("number", "--counts",
                                          help="How count/total answers are trained: number, or itemized (every "
-                                              "item's value in order, then the number; meta.completion).")) -> None:
+                                              "item's value in order, then the number; meta.completion)."),
+              values: Optional[str] = typer.Option(None, "--values",
+                                                   help="Distinct values per context (a number or a range), each "
+                                                        "planted at least once (default: 2..5, drawn per item).")
+              ) -> None:
     """Items planted throughout the text; questions about all of them (list, count) with exact answers."""
     from gistctl.data.builders import build_aggregate
     from gistctl.data.lengths import parse_lengths, parse_range
 
     lengths = parse_lengths(tokens)
     parse_range(items, "--items", 2, 40)
+    if values is not None:
+        parse_range(values, "--values", 1, 40)
     haystack = _haystack(haystack_dir)
     tok = _tokenizer(model)
     records = build_aggregate(tok, n=n, seed=seed, tokens=lengths, haystack=haystack, items=items,
-                              questions=tuple(q.strip() for q in questions.split(",") if q.strip()), counts=counts)
+                              questions=tuple(q.strip() for q in questions.split(",") if q.strip()), counts=counts,
+                              values=values)
     _write(_collect(records, n, "aggregate"), output)
 
 

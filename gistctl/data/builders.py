@@ -223,15 +223,19 @@ def itemized_completion(question_type: str, items: list[tuple[str, str]], asked_
 
 def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystack: Haystack | None = None,
                     items: str | int = "4..12", questions: tuple[str, ...] = AGGREGATE_QUESTIONS,
-                    counts: str = "number") -> Iterator[dict]:
+                    counts: str = "number", values: str | int | None = None) -> Iterator[dict]:
     """Items planted throughout the text (door colours, ship cargoes, bird sightings); the question is about
     all of them (list the distinct values, count one value, count all), so no single chunk answers it.
     `questions`: the question types asked, cycled (each family in turn gets each type). `counts`: "number"
     trains count and total questions on the bare number; "itemized" adds `meta.completion` (see
-    `itemized_completion`), what training then teaches the model to say. The answers scored are the same."""
+    `itemized_completion`), what training then teaches the model to say. The answers scored are the same.
+    `values`: how many distinct values a context has (a number or a range, capped at its item count and its
+    family's values), each planted at least once, so most are mentioned once when it is near `items`; None (the
+    default) draws a palette of 2..5 values and each item's value from it, as every recipe so far was built."""
     if counts not in COUNT_FORMATS:
         raise ConfigError(f"unknown count format {counts!r}; use {', '.join(COUNT_FORMATS)}")
     lo, hi = parse_range(items, "--items", 2, 40)
+    distinct = None if values is None else parse_range(values, "--values", 1, 40)
     unknown = set(questions) - set(AGGREGATE_QUESTIONS)
     if unknown or not questions:
         raise ConfigError(f"unknown aggregate question type(s) {', '.join(sorted(unknown)) or '(none)'}; "
@@ -247,8 +251,15 @@ def build_aggregate(tokenizer, *, n: int, seed: int, tokens: LengthSpec, haystac
         question_type = questions[(i // len(families)) % len(questions)]
         k = rng.randint(lo, hi)
         ids = spec["ids"](rng, k)
-        palette = rng.sample(spec["values"], rng.randint(2, min(5, k)))
-        planted = [(item_id, rng.choice(palette)) for item_id in ids]
+        if distinct is None:
+            palette = rng.sample(spec["values"], rng.randint(2, min(5, k)))
+            planted = [(item_id, rng.choice(palette)) for item_id in ids]
+        else:
+            cap = min(k, len(spec["values"]))
+            palette = rng.sample(spec["values"], rng.randint(min(distinct[0], cap), min(distinct[1], cap)))
+            drawn = palette + [rng.choice(palette) for _ in range(k - len(palette))]
+            rng.shuffle(drawn)
+            planted = list(zip(ids, drawn))
         statements = [spec["statement"].format(id=item_id, v=v) for item_id, v in planted]
         depths = sorted(rng.random() for _ in range(k))
         context, measured, offsets = fit_context(tokenizer, pool, rng, target, list(zip(depths, statements)))

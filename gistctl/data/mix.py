@@ -29,7 +29,7 @@ OPTIONS = {  # builder keyword arguments a recipe may set, per task
     "passkey": {"key_format", "depth", "protocol"},
     "niah": {"depth", "kinds"},
     "facts": {"facts"},
-    "aggregate": {"items", "questions", "counts"},
+    "aggregate": {"items", "questions", "counts", "values"},
     "qa": {"source", "context_field", "question_field", "answers_field", "id_field"},
 }
 BUILDERS: dict[str, Callable[..., Iterator[dict]]] = {

@@ -1,0 +1,81 @@
+"""Which items of an aggregate list a bench run recalled, by how often the document mentions each:
+
+    python -m gistctl.bench.lists runs/bench-p9-agg50
+
+A list question ("Which birds did the observer count?") is scored by recall of its distinct values. This splits
+that recall by how many times the document mentions each value (once, twice, three times or more), so a run shows
+whether what it misses are the values mentioned once. It also counts the answers that say one value more than
+once ("plover, plover"), which the question asks the model not to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import yaml
+
+from gistctl.bench.metrics import list_recall, normalize
+from gistctl.bench.runner import PREDICTIONS, load_predictions
+from gistctl.data.schema import read_jsonl
+
+MENTIONS = ("1", "2", "3+")  # how many times the document mentions a value
+
+
+def _mentions_bucket(times: int) -> str:
+    return MENTIONS[min(times, len(MENTIONS)) - 1]
+
+
+def recall_by_mentions(prediction: str, meta: dict) -> dict[str, tuple[int, int]]:
+    """Per mentions bucket: (values recalled, values) for one list answer; `meta.items` is [[id, value], ...]."""
+    counts = Counter(value for _, value in meta["items"])
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for value, times in counts.items():
+        bucket = out[_mentions_bucket(times)]
+        bucket[0] += list_recall(prediction, [value]) == 1.0
+        bucket[1] += 1
+    return {name: (hit, n) for name, (hit, n) in out.items()}
+
+
+def repeats_an_item(prediction: str) -> bool:
+    """Whether a comma-separated answer says one item more than once."""
+    said = [normalize(part) for part in prediction.split(",")]
+    said = [item for item in said if item]
+    return len(said) != len(set(said))
+
+
+def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
+    """Per bench column: list answers, answers repeating an item, and per mentions bucket values recalled / values."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    records = {r["id"]: r for r in read_jsonl(config["data"])}
+    table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in load_predictions(run_dir / PREDICTIONS):
+        meta = records[row["id"]]["meta"]
+        if row["task"] != "aggregate" or meta.get("question_type") != "list":
+            continue
+        prediction = row["prediction"] or ""
+        counts = table[row["method"]]
+        counts["answers"] += 1
+        counts["repeats"] += repeats_an_item(prediction)
+        for name, (hit, n) in recall_by_mentions(prediction, meta).items():
+            counts[f"recalled_{name}"] += hit
+            counts[f"values_{name}"] += n
+    return {method: dict(counts) for method, counts in table.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / PREDICTIONS).is_file():
+        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
+    print("method\tlist answers\trepeating an item\t" + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS))
+    for method, counts in check_run(args.run_dir).items():
+        cells = [f"{counts.get(f'recalled_{m}', 0)}/{counts.get(f'values_{m}', 0)}" for m in MENTIONS]
+        print(f"{method}\t{counts['answers']}\t{counts['repeats']}\t" + "\t".join(cells))
+
+
+if __name__ == "__main__":
+    main()
