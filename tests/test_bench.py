@@ -409,8 +409,8 @@ def test_itemized_counts_split_a_wrong_number_into_recall_and_counting(tmp_path)
                                      "self_consistent": 0, "number_right": 0}
 
 
-def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_path):
-    from gistctl.bench.lists import check_run, recall_by_mentions, repeats_an_item
+def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_path, capsys):
+    from gistctl.bench.lists import check_run, main, recall_by_mentions, repeats_an_item
     from gistctl.data.schema import write_jsonl
 
     items = [["1", "wren"], ["2", "plover"], ["3", "wren"], ["4", "heron"], ["5", "wren"], ["6", "plover"]]
@@ -434,3 +434,8 @@ def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_pat
     assert table["gist"] == {"answers": 1, "repeats": 1, "recalled_1": 0, "values_1": 1, "recalled_2": 0,
                              "values_2": 1, "recalled_3+": 1, "values_3+": 1}
     assert table["rag"]["recalled_1"] == 1 and table["rag"]["recalled_3+"] == 0 and table["rag"]["repeats"] == 0
+    main([str(tmp_path / "run")])
+    assert "gist\t1\t1\t0/1\t0/1\t1/1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:  # not a bench run: a usage error
+        main([str(tmp_path)])
+    assert usage.value.code == 2 and "not a bench run directory" in capsys.readouterr().err

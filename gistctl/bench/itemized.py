@@ -11,18 +11,14 @@ itemized (other adapters, RAG, full context) are counted as such and left out of
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from gistctl.bench.analysis import parse_run_dir, rows_with_examples
 from gistctl.bench.metrics import first_number
-from gistctl.bench.runner import PREDICTIONS, load_predictions
 from gistctl.data.needles import AGGREGATE_SCORING
-from gistctl.data.schema import read_jsonl
 
 _ITEMIZED = re.compile(r"^\s*(?P<items>[^;]*);[^:]+:\s*(?P<number>\S+)")  # "a, b, c; label: n"
 
@@ -55,12 +51,9 @@ def check_itemized(prediction: str, meta: dict) -> ItemizedCheck:
 
 def check_run(run_dir: str | Path) -> dict[str, dict[str, dict[str, int]]]:
     """Per bench column and question type (count, total): how many answers, itemized, and each check passed."""
-    run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    records = {r["id"]: r for r in read_jsonl(config["data"])}
     table: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
-    for row in load_predictions(run_dir / PREDICTIONS):
-        meta = records[row["id"]]["meta"]
+    for row, example in rows_with_examples(run_dir):
+        meta = example["meta"]
         if row["task"] != "aggregate" or AGGREGATE_SCORING.get(meta.get("question_type")) != "count":
             continue
         check = check_itemized(row["prediction"] or "", meta)
@@ -72,11 +65,7 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / PREDICTIONS).is_file():
-        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
+    args = parse_run_dir(__doc__, argv)
     names = [f.name for f in fields(ItemizedCheck)]
     print("method\tquestion\tn\t" + "\t".join(names))
     for method, by_type in check_run(args.run_dir).items():

@@ -10,15 +10,11 @@ once ("plover, plover"), which the question asks the model not to do.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import yaml
-
+from gistctl.bench.analysis import parse_run_dir, rows_with_examples
 from gistctl.bench.metrics import list_recall, normalize
-from gistctl.bench.runner import PREDICTIONS, load_predictions
-from gistctl.data.schema import read_jsonl
 
 MENTIONS = ("1", "2", "3+")  # how many times the document mentions a value
 
@@ -47,12 +43,9 @@ def repeats_an_item(prediction: str) -> bool:
 
 def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
     """Per bench column: list answers, answers repeating an item, and per mentions bucket values recalled / values."""
-    run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    records = {r["id"]: r for r in read_jsonl(config["data"])}
     table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in load_predictions(run_dir / PREDICTIONS):
-        meta = records[row["id"]]["meta"]
+    for row, example in rows_with_examples(run_dir):
+        meta = example["meta"]
         if row["task"] != "aggregate" or meta.get("question_type") != "list":
             continue
         prediction = row["prediction"] or ""
@@ -66,11 +59,7 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / PREDICTIONS).is_file():
-        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
+    args = parse_run_dir(__doc__, argv)
     print("method\tlist answers\trepeating an item\t" + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS))
     for method, counts in check_run(args.run_dir).items():
         cells = [f"{counts.get(f'recalled_{m}', 0)}/{counts.get(f'values_{m}', 0)}" for m in MENTIONS]

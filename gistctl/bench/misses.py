@@ -13,13 +13,13 @@ instead: `end` (the answer stopped), `skip` (a later piece of the right answer: 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from gistctl import prompt
+from gistctl.bench.analysis import parse_run_dir
 from gistctl.engine import open_gist_model_for_blob
 from gistctl.kv.answer import answer_from_blob, answer_ranks, check_blob_for_model
 from gistctl.kv.blob import read_blob
@@ -102,12 +102,8 @@ def summary(scored: list[Scored]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("--spell-codes", action="store_true", help="score codes one character per token")
-    args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / "predictions.jsonl").is_file():
-        parser.error(f"'{args.run_dir}' is not a bench run directory (no predictions.jsonl)")
+    args = parse_run_dir(__doc__, argv, lambda parser: parser.add_argument(
+        "--spell-codes", action="store_true", help="score codes one character per token"))
     scored = score_run(args.run_dir, spell_codes=args.spell_codes)
     for m in (s for s in scored if not s.correct):
         print(f"{m.method}\t{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "
