@@ -410,14 +410,16 @@ def test_itemized_counts_split_a_wrong_number_into_recall_and_counting(tmp_path)
 
 
 def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_path, capsys):
-    from gistctl.bench.lists import check_run, main, recall_by_mentions, repeats_an_item
+    from gistctl.bench.lists import check_run, main, named_values, recall_by_mentions, repeats_an_item
     from gistctl.data.schema import write_jsonl
 
     items = [["1", "wren"], ["2", "plover"], ["3", "wren"], ["4", "heron"], ["5", "wren"], ["6", "plover"]]
-    meta = {"question_type": "list", "items": items}  # heron once, plover twice, wren three times
+    meta = {"question_type": "list", "family": "birds", "items": items}  # heron once, plover twice, wren 3 times
     assert recall_by_mentions("plover, plover", meta) == {"1": (0, 1), "2": (1, 1), "3+": (0, 1)}
     assert recall_by_mentions("Heron, plover and wren.", meta) == {"1": (1, 1), "2": (1, 1), "3+": (1, 1)}
     assert repeats_an_item("plover, Plover.") and not repeats_an_item("heron, plover") and not repeats_an_item("")
+    assert named_values("heron, finch, plover, finch, swimming", meta) == (3, 1)  # finch is not in the document
+    assert named_values("I do not know.", meta) == (0, 0)
 
     records = [{"id": "a0", "task": "aggregate", "context": "text", "question": "q", "answers": ["heron, plover, wren"],
                 "meta": {**meta, "context_tokens": 10, "target_tokens": 10}},
@@ -427,15 +429,15 @@ def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_pat
     write_jsonl(tmp_path / "agg.jsonl", records)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(f"data: {tmp_path / 'agg.jsonl'}\n")
-    rows = [("gist", "a0", "wren, wren"), ("gist", "a1", "3"), ("rag", "a0", "heron, plover")]
+    rows = [("gist", "a0", "wren, wren, kestrel"), ("gist", "a1", "3"), ("rag", "a0", "heron, plover")]
     (tmp_path / "run" / "predictions.jsonl").write_text("".join(
         json.dumps({"method": m, "id": i, "task": "aggregate", "prediction": p}) + "\n" for m, i, p in rows))
     table = check_run(tmp_path / "run")
-    assert table["gist"] == {"answers": 1, "repeats": 1, "recalled_1": 0, "values_1": 1, "recalled_2": 0,
-                             "values_2": 1, "recalled_3+": 1, "values_3+": 1}
+    assert table["gist"] == {"answers": 1, "repeats": 1, "named": 2, "named_wrong": 1, "recalled_1": 0,
+                             "values_1": 1, "recalled_2": 0, "values_2": 1, "recalled_3+": 1, "values_3+": 1}
     assert table["rag"]["recalled_1"] == 1 and table["rag"]["recalled_3+"] == 0 and table["rag"]["repeats"] == 0
     main([str(tmp_path / "run")])
-    assert "gist\t1\t1\t0/1\t0/1\t1/1" in capsys.readouterr().out
+    assert "gist\t1\t1\t2\t1\t0/1\t0/1\t1/1" in capsys.readouterr().out
     with pytest.raises(SystemExit) as usage:  # not a bench run: a usage error
         main([str(tmp_path)])
     assert usage.value.code == 2 and "not a bench run directory" in capsys.readouterr().err

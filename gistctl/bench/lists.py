@@ -5,7 +5,9 @@
 A list question ("Which birds did the observer count?") is scored by recall of its distinct values. This splits
 that recall by how many times the document mentions each value (once, twice, three times or more), so a run shows
 whether what it misses are the values mentioned once. It also counts the answers that say one value more than
-once ("plover, plover"), which the question asks the model not to do.
+once ("plover, plover"), which the question asks the model not to do, and the values of the question's family
+("birds") an answer names that the document does not have: recall alone does not count those, so an answer that
+names more values can gain recall with them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from gistctl.bench.analysis import parse_run_dir, rows_with_examples
 from gistctl.bench.metrics import list_recall, normalize
+from gistctl.data.needles import AGGREGATE_FAMILIES
 
 MENTIONS = ("1", "2", "3+")  # how many times the document mentions a value
 
@@ -41,8 +44,15 @@ def repeats_an_item(prediction: str) -> bool:
     return len(said) != len(set(said))
 
 
+def named_values(prediction: str, meta: dict) -> tuple[int, int]:
+    """(values of the question's family the answer names, of them not in the document) for one list answer."""
+    named = {value for value in AGGREGATE_FAMILIES[meta["family"]]["values"] if list_recall(prediction, [value]) == 1.0}
+    return len(named), len(named - {value for _, value in meta["items"]})
+
+
 def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
-    """Per bench column: list answers, answers repeating an item, and per mentions bucket values recalled / values."""
+    """Per bench column: list answers, answers repeating an item, family values named and of them wrong, and per
+    mentions bucket values recalled / values."""
     table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row, example in rows_with_examples(run_dir):
         meta = example["meta"]
@@ -52,6 +62,9 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
         counts = table[row["method"]]
         counts["answers"] += 1
         counts["repeats"] += repeats_an_item(prediction)
+        named, wrong = named_values(prediction, meta)
+        counts["named"] += named
+        counts["named_wrong"] += wrong
         for name, (hit, n) in recall_by_mentions(prediction, meta).items():
             counts[f"recalled_{name}"] += hit
             counts[f"values_{name}"] += n
@@ -60,10 +73,12 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_run_dir(__doc__, argv)
-    print("method\tlist answers\trepeating an item\t" + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS))
+    print("method\tlist answers\trepeating an item\tvalues named\tnot in the document\t"
+          + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS))
     for method, counts in check_run(args.run_dir).items():
         cells = [f"{counts.get(f'recalled_{m}', 0)}/{counts.get(f'values_{m}', 0)}" for m in MENTIONS]
-        print(f"{method}\t{counts['answers']}\t{counts['repeats']}\t" + "\t".join(cells))
+        print(f"{method}\t{counts['answers']}\t{counts['repeats']}\t{counts['named']}\t{counts['named_wrong']}\t"
+              + "\t".join(cells))
 
 
 if __name__ == "__main__":
