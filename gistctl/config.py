@@ -18,7 +18,7 @@ import yaml
 
 from gistctl.errors import ConfigError, DataError
 from gistctl.gist.chunks import CHUNKINGS, FIXED, check_chunking
-from gistctl.kv.positions import CHUNKED_LAYOUTS, SEQUENTIAL, check_layout
+from gistctl.gist.positions import CHUNKED_LAYOUTS, SEQUENTIAL, check_layout
 
 
 def _positive(section: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -45,9 +45,9 @@ class ModelSettings:
 
 @dataclass
 class GistSettings:
-    num_tokens: int = 10  # K gist tokens per chunk
+    num_gist: int = 10  # K gist tokens per chunk (configs before 0.2 call it num_tokens)
     chunk_tokens: int = 1024  # longest context one chunk compresses; longer documents are split
-    # gist position layout (gistctl.kv.positions). sequential trains with one masked forward per batch;
+    # gist position layout (gistctl.gist.positions). sequential trains with one masked forward per batch;
     # compact trains through compress's own chunk-by-chunk read (a masked forward cannot express it), and
     # auto through the same read, each example in the layout compress chooses for it
     positions: str = SEQUENTIAL
@@ -56,7 +56,7 @@ class GistSettings:
     chunking: str = FIXED
 
     def __post_init__(self):
-        _positive("gist", "num_tokens", self.num_tokens)
+        _positive("gist", "num_gist", self.num_gist)
         _positive("gist", "chunk_tokens", self.chunk_tokens)
         _check_training_layout("gist.positions", self.positions)
         _check_chunking("gist.chunking", self.chunking)
@@ -146,7 +146,7 @@ class TrainSettings:
 
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 PHASE_FIXED_KEYS = ("data", "eval", "init_adapter")  # set by the curriculum itself
-# num_tokens is fixed: a phase starts from the previous phase's gist rows
+# num_gist is fixed: a phase starts from the previous phase's gist rows
 PHASE_GIST_KEYS = ("chunk_tokens", "positions", "chunking")
 
 
@@ -253,6 +253,20 @@ class GistctlConfig:
 
 
 _SECTION_CLASSES = {"model": ModelSettings, "gist": GistSettings, "lora": LoraSettings, "train": TrainSettings}
+# old key -> its name now, per section: configs, checkpoints and shipped recipes written before the rename load as they are
+RENAMED_KEYS = {"gist": {"num_tokens": "num_gist"}}
+
+
+def renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the section's old key names replaced by their current ones."""
+    names = RENAMED_KEYS.get(section, {})
+    out = {}
+    for key, value in values.items():
+        new = names.get(key, key)
+        if new in out or (new != key and new in values):
+            raise ConfigError(f"{section}.{key} and {section}.{new} are the same setting: give it once, as {new}")
+        out[new] = value
+    return out
 
 
 def _phases(source: str, value: Any) -> list[PhaseSettings]:
@@ -283,7 +297,9 @@ def _coerce(section: str, key: str, value: Any) -> Any:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return value.lower() in ("true", "1", "yes")
-        if kind == "int" and not isinstance(value, bool):
+        if kind == "int":
+            if isinstance(value, bool):  # YAML's `true` is no integer
+                raise ValueError(value)
             if float(value) != int(float(value)):
                 raise ValueError(value)
             return int(float(value))
@@ -317,6 +333,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                                   f"{', '.join(_SECTION_CLASSES)}, phases")
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
+            values = renamed(section, values)
             _check_keys(str(path), section, values)
             merged[section].update({k: _coerce(section, k, v) for k, v in values.items()})
     for dotted, value in (overrides or {}).items():
@@ -325,6 +342,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         section, _, key = dotted.partition(".")
         if section not in _SECTION_CLASSES:
             raise ConfigError(f"unknown setting '{dotted}'")
+        key = RENAMED_KEYS.get(section, {}).get(key, key)
         _check_keys("command-line flags", section, {key: value})
         merged[section][key] = _coerce(section, key, value)
     try:
@@ -336,4 +354,5 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def config_from_dict(data: dict[str, Any]) -> GistctlConfig:
     """Rebuild a config saved with `to_dict` (e.g. a checkpoint's config.yaml), validating it again."""
     phases = _phases("the saved config", data["phases"]) if data.get("phases") else []
-    return GistctlConfig(**{name: cls(**data.get(name, {})) for name, cls in _SECTION_CLASSES.items()}, phases=phases)
+    return GistctlConfig(**{name: cls(**renamed(name, data.get(name, {}))) for name, cls in _SECTION_CLASSES.items()},
+                         phases=phases)

@@ -1,27 +1,104 @@
-"""Opening documents and models the way every command does (shared by the CLI and bench)."""
+"""The public Python API: load a model + gist adapter once, compress documents into blobs, ask blobs questions.
+
+    import gistctl
+    gc = gistctl.load()                         # embedded model + shipped default adapter
+    blob = gc.compress(open("doc.txt").read())  # a Blob: keys/values (layers, kv_heads, K x chunks, head_dim)
+    blob.save("doc.kv")                         # atomic write; returns the file size in bytes
+    ans = gc.ask("doc.kv", "Who keeps the lighthouse?")   # a path or a Blob; a list of questions -> a list
+    print(ans.text, ans.ttft_ms)
+
+The CLI (`compress`, `ask`, `demo`) and the bench's gist column go through `Gistctl`; full context and RAG
+over the base model through `open_text_method`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gistctl import prompt
 from gistctl.errors import DataError
-from gistctl.gist.lora import GistModel, load_gist_model, read_gist_meta, resolve_adapter
+from gistctl.gist.adapter import read_adapter_meta, resolve_adapter
 from gistctl.gist.chunks import check_chunking
-from gistctl.kv.positions import check_layout
-from gistctl.models import load_model
+from gistctl.gist.model import GistModel, load_gist_model
+from gistctl.gist.positions import check_layout
+from gistctl.kv.answer import answer_from_blob, check_blob_for_model
+from gistctl.kv.blob import BlobMeta, GistBlob, read_blob, read_blob_meta
+from gistctl.kv.compress import compress_document
+from gistctl.methods.base import Answer
+from gistctl.models import load_model, peak_memory_bytes
+
+Blob = GistBlob
 
 
-def read_document(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"document '{path}' does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read '{path}' as UTF-8 text: {err}") from err
-    if not text.strip():
-        raise DataError(f"document '{path}' is empty")
-    return text
+class Gistctl:
+    """A loaded base model + gist adapter: `compress` documents, `ask` their blobs."""
+
+    def __init__(self, gist_model: GistModel):
+        self.gist_model = gist_model
+
+    @property
+    def num_gist(self) -> int:
+        """K: gist tokens kept per chunk."""
+        return self.gist_model.num_gist
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Longest chunk (in tokens) read before each K gists."""
+        return self.gist_model.chunk_tokens
+
+    def compress(self, text: str, *, dtype: str = "fp16",
+                 on_chunk: Callable[[int, int], None] | None = None) -> Blob:
+        """Read `text` once; keep only its gists' KV. `dtype`: fp16, bf16 or fp32 (the stored tensors).
+        `on_chunk(done, total)` is called after each chunk. `blob.stats` has tokens, chunks and seconds."""
+        blob, stats = compress_document(self.gist_model, text, dtype=dtype, on_chunk=on_chunk)
+        blob.stats = stats
+        return blob
+
+    def ask(self, blob: Blob | str | Path, question: str | Sequence[str], *,
+            max_new_tokens: int = prompt.MAX_NEW_TOKENS) -> Answer | list[Answer]:
+        """Answer from the blob alone (greedy). `blob`: a Blob or the path of a blob file (read and validated).
+        One question -> one `Answer` (`.text`, `.ttft_ms` in milliseconds, ...); a list -> a list."""
+        if not isinstance(blob, GistBlob):
+            where = f"blob '{blob}'"
+            blob = read_blob(blob)
+        else:
+            where = "blob"
+        check_blob_for_model(blob, self.gist_model, where=where)
+        questions = [question] if isinstance(question, str) else list(question)
+        if not questions:
+            raise DataError("give at least one question")
+        for q in questions:  # all refused before any is answered
+            prompt.check_question(q)
+        answers = [self._answer(blob, q, max_new_tokens) for q in questions]
+        return answers[0] if isinstance(question, str) else answers
+
+    def _answer(self, blob: Blob, question: str, max_new_tokens: int) -> Answer:
+        gen = answer_from_blob(self.gist_model, blob, question, max_new_tokens=max_new_tokens)
+        return Answer(gen.text, gen.ttft_s * 1000, gen.decode_tokens_per_s, gen.prompt_tokens,
+                      peak_memory_bytes(self.gist_model.loaded.device))
+
+
+def load(model: str | None = None, adapter: str | None = None, *, device: str | None = None,
+         dtype: str | None = None, load_in_4bit: bool = False, num_gist: int | None = None,
+         chunk_tokens: int | None = None, positions: str | None = None, chunking: str | None = None) -> Gistctl:
+    """Load a base model and gist adapter once.
+
+    `model`: a Hugging Face id or local directory; default: the adapter's base (the embedded
+    SmolLM2-135M-Instruct for the shipped adapters). `adapter`: a directory or a shipped adapter's name;
+    default: the shipped `default`; "none": untrained gist tokens (needs `num_gist`). `chunk_tokens`,
+    `positions`, `chunking` override how the adapter reads documents."""
+    return Gistctl(open_gist_model(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device,
+                                   dtype=dtype, load_in_4bit=load_in_4bit, positions=positions, chunking=chunking))
+
+
+def load_for_blob(blob: str | Path | BlobMeta, *, model: str | None = None, adapter: str | None = None,
+                  device: str | None = None) -> Gistctl:
+    """The model + adapter a blob was made with (its metadata), unless overridden."""
+    meta = blob if isinstance(blob, BlobMeta) else read_blob_meta(blob)
+    return Gistctl(open_gist_model(model or meta.model_id, adapter or meta.adapter or "none",
+                                   num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device,
+                                   chunking=meta.chunking))
 
 
 def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | None = None,
@@ -38,9 +115,9 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
         check_chunking(chunking)
     adapter_dir = resolve_adapter(adapter)
     if adapter_dir is None and num_gist is None:
-        raise DataError("--adapter none needs --gist K (how many untrained gist tokens to use)")
+        raise DataError("--adapter none needs --num-gist K (how many untrained gist tokens per chunk to use)")
     if model is None and adapter_dir is not None:
-        model = read_gist_meta(adapter_dir).get("base_model")  # load_model maps the default's name itself
+        model = read_adapter_meta(adapter_dir).base_model  # load_model maps the default's name itself
     loaded = load_model(model, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
     gm = load_gist_model(loaded, adapter_dir, num_gist=num_gist, chunk_tokens=chunk_tokens or 1024)
     if chunk_tokens:
@@ -52,6 +129,18 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
     return gm
 
 
+def read_document(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"document '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read '{path}' as UTF-8 text: {err}") from err
+    prompt.check_text(text, f"document '{path}'")
+    return text
+
+
 def read_questions(path: str | Path) -> list[str]:
     """One question per non-empty line."""
     path = Path(path)
@@ -60,42 +149,17 @@ def read_questions(path: str | Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def open_gist_model_for_blob(meta, *, model: str | None = None, adapter: str | None = None,
-                             device: str | None = None) -> GistModel:
-    """The model + adapter a blob was made with (its `BlobMeta`), unless overridden, with its K and chunk length."""
-    if model is None:
-        model = meta.model_id
-    if adapter is None:
-        adapter = meta.adapter or "none"
-    return open_gist_model(model, adapter, num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device,
-                           chunking=meta.chunking)
-
-
-def open_blob_method(blob_path: str | Path, *, model: str | None = None, adapter: str | None = None,
-                     device: str | None = None, max_new_tokens: int = 32):
-    """The gist method and its state for an existing blob, with the blob's model + adapter unless overridden."""
-    from gistctl.kv.answer import check_blob_for_model
-    from gistctl.kv.blob import read_blob, read_blob_meta
-    from gistctl.methods.gist import Gist, GistState
-
-    meta = read_blob_meta(blob_path)
-    gm = open_gist_model_for_blob(meta, model=model, adapter=adapter, device=device)
-    blob = read_blob(blob_path)
-    check_blob_for_model(blob, gm, where=f"blob '{blob_path}'")
-    return Gist(gm, max_new_tokens=max_new_tokens), GistState(blob, Path(blob_path), Path(blob_path).stat().st_size)
-
-
 def open_text_method(name: str, *, model: str | None = None, device: str | None = None, truncate: bool = False,
-                     rag: dict | None = None, max_new_tokens: int = 32):
+                     rag: dict | None = None, max_new_tokens: int = 32, loaded=None):
     """full or rag over the base model. `rag`: Rag settings (index_dir, chunk_tokens, overlap, top_k,
-    embedder as a path or id)."""
+    embedder as a path or id). `loaded`: an already loaded base model to reuse."""
     from gistctl.methods import get_method
 
     if name not in ("full", "rag"):
         from gistctl.errors import ConfigError
 
         raise ConfigError(f"unknown method '{name}' for a text document; choose full or rag (gist needs a blob)")
-    loaded = load_model(model, device=device)
+    loaded = loaded or load_model(model, device=device)
     kwargs = {"loaded": loaded, "truncate": truncate, "max_new_tokens": max_new_tokens}
     if name == "rag":
         from gistctl.models import load_embedder

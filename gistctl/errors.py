@@ -19,3 +19,7 @@ class BlobError(GistctlError):
 
 class DataError(GistctlError, ValueError):
     """A dataset or document that cannot be used as given."""
+
+
+class RunLockedError(GistctlError):
+    """A run directory is in use by another gistctl process."""

@@ -12,7 +12,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import resource
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,12 +184,22 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load model '{spec}': {err}".splitlines()[0]) from err
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelLoadError(f"model '{spec}': its tokenizer has no chat template; gistctl asks questions as one chat "
+                             "turn, so it needs an instruct/chat model (or a chat_template in tokenizer_config.json)")
     if not load_in_4bit:
         model.to(dev)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, spec or DEFAULT_MODEL, path, dev, torch_dtype, model_fingerprint(model))
+
+
+def check_device_request(device: str | None = None, load_in_4bit: bool = False) -> None:
+    """Refuse a device or 4-bit request this machine cannot serve, before anything is loaded or written."""
+    dev = resolve_device(device)
+    if load_in_4bit:
+        _four_bit_config(dev, resolve_dtype(dev))
 
 
 def _four_bit_config(device: torch.device, compute_dtype: torch.dtype):
@@ -216,3 +228,11 @@ def load_embedder(spec: str | None = None, *, device: str | None = None):
         return SentenceTransformer(path, device=str(resolve_device(device)))
     except OSError as err:
         raise ModelLoadError(f"could not load embedder '{spec}': {err}".splitlines()[0]) from err
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated since the last reset, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

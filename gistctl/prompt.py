@@ -8,8 +8,31 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 MAX_NEW_TOKENS = 32  # greedy decoding everywhere; answers here are short spans
+
+
+def has_text(text: str) -> bool:
+    """Whether `text` holds anything to read: a character that is neither whitespace nor a control character
+    (a file of NUL bytes decodes as UTF-8 but says nothing)."""
+    return any(not (char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn")) for char in text)
+
+
+def check_text(text: str, what: str = "the document") -> None:
+    from gistctl.errors import DataError
+
+    if not has_text(text):
+        raise DataError(f"{what} is empty: it has no text in it (only whitespace or control characters)")
+
+
+def check_question(question: str) -> str:
+    """A question must say something: a blank one is refused (it would still get an answer)."""
+    if not isinstance(question, str) or not has_text(question):
+        from gistctl.errors import DataError
+
+        raise DataError("the question is blank; ask something")
+    return question
 
 
 def context_ids(tokenizer, text: str) -> list[int]:
@@ -25,8 +48,8 @@ def chat_ids(tokenizer, user_message: str) -> list[int]:
 
 
 def question_ids(tokenizer, question: str) -> list[int]:
-    """The question segment that follows the gists."""
-    return chat_ids(tokenizer, question)
+    """The question segment that follows the gists (a blank question is refused)."""
+    return chat_ids(tokenizer, check_question(question))
 
 
 CODE = re.compile(r"[A-Z0-9][A-Z0-9-]*[A-Z0-9]")  # pass keys, ids, numbers: capitals, digits, inner dashes
@@ -57,7 +80,7 @@ def answer_ids(tokenizer, answer: str, *, spell_codes: bool = False) -> list[int
 
 def with_context_ids(tokenizer, context: str, question: str) -> list[int]:
     """Prompt for methods that put text in front of the model at question time (full, rag)."""
-    return chat_ids(tokenizer, f"{context}\n\n{question}")
+    return chat_ids(tokenizer, f"{context}\n\n{check_question(question)}")
 
 
 def stop_ids(model, tokenizer) -> set[int]:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,12 +28,54 @@ import yaml
 from gistctl import __version__
 
 
+LEGACY_TEMP_AGE_S = 600  # a temp file without a pid in its name (gistctl < 0.2) is stale after this long
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temp files earlier writes to `path` left behind (`.<name>.<pid>.<random>.tmp` whose process is
+    gone, or an old-style `.<name>.<random>.tmp` older than LEGACY_TEMP_AGE_S); a live writer's temp file stays."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = f".{path.name}."
+    for candidate in path.parent.iterdir():
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")) or not candidate.is_file():
+            continue
+        middle = name[len(prefix):-len(".tmp")].split(".")
+        if len(middle) == 2 and middle[0].isdigit():
+            stale = not _pid_alive(int(middle[0]))
+        else:
+            try:
+                stale = time.time() - candidate.stat().st_mtime > LEGACY_TEMP_AGE_S
+            except FileNotFoundError:
+                continue
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed. A process
+    killed before either leaves `.<name>.<pid>.<random>.tmp`, which the next write to `path` deletes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -80,6 +123,37 @@ def replace_dir(tmp: str | Path, target: str | Path) -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_dir(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the directory `path` (made if missing) for the block; a second holder is
+    refused at once with RunLockedError. The lock is the OS's (flock): it ends with the process, however it ends."""
+    import fcntl
+
+    from gistctl.errors import RunLockedError
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLockedError(f"run directory '{path}' is in use by {holder}; wait for it to finish or use "
+                                 "another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"gistctl pid {os.getpid()}\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()
 
 
 def runs_root() -> Path:

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gistctl.bench.protocol import seed_criteria
-from gistctl.bench.metrics import question_type
+from gistctl.scoring import question_type
 from gistctl.bench.report import PLOTS, render_markdown, summarize, write_plots
 from gistctl.bench.runner import parse_methods
 from gistctl.cli.main import app
@@ -40,7 +40,7 @@ def write_data(path: Path, n: int = 3) -> Path:
 
 
 def bench_args(model_dir, data, run_dir, *extra):
-    return ["bench", "--methods", "gist,full", "--adapter", "none", "--gist-sizes", "2", "--model", str(model_dir),
+    return ["bench", "--methods", "gist,full", "--adapter", "none", "--num-gist", "2", "--model", str(model_dir),
             "--device", "cpu", "--max-new-tokens", "3", "--data", str(data), "--run-dir", str(run_dir), *extra]
 
 
@@ -144,11 +144,11 @@ def test_resume_runs_only_missing_rows(bench_run, tiny_model_dir):
 def test_resume_redoes_gist_rows_of_a_changed_adapter(tiny_model_dir, tmp_path):
     """Re-shipping an adapter under the same column name must not reuse the old adapter's rows."""
     from gistctl.config import load_config
-    from gistctl.gist.lora import adapter_fingerprint
+    from gistctl.gist.adapter import adapter_fingerprint
     from gistctl.train.loop import train
 
     data = write_data(tmp_path / "set.jsonl", 1)
-    config = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "gist.num_tokens": 2,
+    config = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "gist.num_gist": 2,
                                 "train.data": str(data), "train.batch_size": 1, "train.max_steps": 1,
                                 "train.bf16": False, "lora.r": 4, "lora.alpha": 8})
     adapter = train(config, tmp_path / "train").final_dir
@@ -273,7 +273,7 @@ def test_adapter_columns_are_named_apart(tmp_path):
     """Adapters are labelled by directory name, or, where two share one (two runs' final/), by the path given."""
     import shutil
 
-    from gistctl.gist.lora import SHIPPED_ADAPTERS
+    from gistctl.gist.adapter import SHIPPED_ADAPTERS
 
     runs = [tmp_path / "run-a" / "final", tmp_path / "run-b" / "final", tmp_path / "run-b" / "best"]
     for run in runs:
@@ -327,9 +327,9 @@ def test_position_columns_store_their_layout(tiny_model_dir, tmp_path):
     (["--data", "{data}", "--methods", "gist,nope"], "unknown method 'nope'"),
     (["--data", "{data}", "--methods", "gist", "--adapter", "{tmp}/no-adapter"], "does not exist"),
     (["--data", "{data}", "--methods", "gist", "--gist-sizes", "7"], "gist_7"),
-    (["--data", "{data}", "--methods", "gist", "--adapter", "none"], "--gist-sizes"),
+    (["--data", "{data}", "--methods", "gist", "--adapter", "none"], "--num-gist"),
     (["--methods", "full"], "--data"),
-    (["--data", "{data}", "--methods", "gist", "--adapter", "none", "--gist-sizes", "2", "--positions", "diag"],
+    (["--data", "{data}", "--methods", "gist", "--adapter", "none", "--num-gist", "2", "--positions", "diag"],
      "unknown gist position layout"),
     (["--protocol", "other"], "unknown protocol"),
 ])
@@ -410,7 +410,7 @@ def test_itemized_counts_split_a_wrong_number_into_recall_and_counting(tmp_path)
 
 
 def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_path, capsys):
-    from gistctl.bench.lists import check_run, main, named_values, recall_by_mentions, repeats_an_item
+    from gistctl.bench.lists import check_run, named_values, recall_by_mentions, repeats_an_item
     from gistctl.data.schema import write_jsonl
 
     items = [["1", "wren"], ["2", "plover"], ["3", "wren"], ["4", "heron"], ["5", "wren"], ["6", "plover"]]
@@ -436,8 +436,7 @@ def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_pat
     assert table["gist"] == {"answers": 1, "repeats": 1, "named": 2, "named_wrong": 1, "recalled_1": 0,
                              "values_1": 1, "recalled_2": 0, "values_2": 1, "recalled_3+": 1, "values_3+": 1}
     assert table["rag"]["recalled_1"] == 1 and table["rag"]["recalled_3+"] == 0 and table["rag"]["repeats"] == 0
-    main([str(tmp_path / "run")])
-    assert "gist\t1\t1\t2\t1\t0/1\t0/1\t1/1" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as usage:  # not a bench run: a usage error
-        main([str(tmp_path)])
-    assert usage.value.code == 2 and "not a bench run directory" in capsys.readouterr().err
+    result = runner.invoke(app, ["analyze", "lists", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "gist\t1\t1\t2\t1\t0/1\t0/1\t1/1" in result.output
+    result = runner.invoke(app, ["analyze", "lists", str(tmp_path)])  # not a bench run: one line, exit 2
+    assert result.exit_code == 2 and "not a bench run directory" in result.output

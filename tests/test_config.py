@@ -10,16 +10,31 @@ BENCH_SEEDS = set(range(9001, 9012))
 
 def test_defaults_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("gist:\n  num_tokens: 25\ntrain:\n  lr: 5e-4\n  max_steps: 10\n")
+    path.write_text("gist:\n  num_gist: 25\ntrain:\n  lr: 5e-4\n  max_steps: 10\n")
     config = load_config(path, {"train.max_steps": 7, "train.batch_size": None})
-    assert config.gist.num_tokens == 25
+    assert config.gist.num_gist == 25
     assert config.train.lr == pytest.approx(5e-4)  # YAML reads 5e-4 as a string; it is coerced
     assert config.train.max_steps == 7  # flag beats YAML
     assert config.train.batch_size == GistctlConfig().train.batch_size  # None flag leaves the default
 
 
+def test_old_name_of_k_still_loads_and_booleans_are_not_integers(tmp_path):
+    """K was `gist.num_tokens` before it was `gist.num_gist` everywhere: old configs and flags still load."""
+    path = tmp_path / "old.yaml"
+    path.write_text("gist:\n  num_tokens: 12\n")
+    assert load_config(path).gist.num_gist == 12
+    assert load_config(None, {"gist.num_tokens": 5}).gist.num_gist == 5
+    assert config_from_dict({"gist": {"num_tokens": 7}}).gist.num_gist == 7
+    path.write_text("gist:\n  num_tokens: 12\n  num_gist: 12\n")
+    with pytest.raises(ConfigError, match="same setting"):
+        load_config(path)
+    path.write_text("gist:\n  num_gist: true\n")
+    with pytest.raises(ConfigError, match="gist.num_gist must be of type int"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("text, key", [
-    ("gist:\n  num_tokens: -1\n", "gist.num_tokens"),
+    ("gist:\n  num_gist: -1\n", "gist.num_gist"),
     ("train:\n  lr: 0\n", "train.lr"),
     ("train:\n  lrr: 0.1\n", "train.lrr"),
     ("lora:\n  dropout: 1.5\n", "lora.dropout"),
@@ -46,7 +61,7 @@ def test_shipped_configs_load():
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("gist_*.yaml"))
     assert [c.name for c in configs] == ["gist_10.yaml", "gist_25.yaml", "gist_50.yaml"]
-    sizes = [load_config(c).gist.num_tokens for c in configs]
+    sizes = [load_config(c).gist.num_gist for c in configs]
     assert sizes == [10, 25, 50]
 
 
@@ -66,18 +81,18 @@ def test_default_curriculum_config_loads(monkeypatch):
     eval_seeds = {r["eval"]["seed"] for r in seeds}
     assert not train_seeds & eval_seeds
     assert not (train_seeds | eval_seeds) & BENCH_SEEDS
-    phase = config.phase_config(1, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
+    phase = config.phase_config(1, data="configs/recipes/data_mix.yaml", eval_data=None, init_adapter=None)
     assert phase.train.lr == config.train.lr and phase.train.max_steps == config.phases[1].train["max_steps"]
-    long = config.phase_config(2, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
+    long = config.phase_config(2, data="configs/recipes/data_mix.yaml", eval_data=None, init_adapter=None)
     assert (phase.gist.chunk_tokens, long.gist.chunk_tokens) == (512, 1024) and long.train.max_length == 2200
-    auto = config.phase_config(3, data="configs/data_mix.yaml", eval_data=None, init_adapter=None)
+    auto = config.phase_config(3, data="configs/recipes/data_mix.yaml", eval_data=None, init_adapter=None)
     assert (auto.gist.positions, auto.train.grad_chunks, auto.gist.chunk_tokens) == ("auto", "answer", 1024)
-    load_recipe("configs/data_phase0.yaml")  # the documented way to redo phase 0 stays valid
+    load_recipe("configs/recipes/data_phase0.yaml")  # the documented way to redo phase 0 stays valid
     assert not phase.phases
 
 
 def test_round_trip_through_dict():
-    config = load_config(None, {"gist.num_tokens": 3})
+    config = load_config(None, {"gist.num_gist": 3})
     assert config_from_dict(config.to_dict()) == config
 
 
@@ -92,12 +107,12 @@ def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     recipes = {}
-    for path in sorted(Path("configs").glob("*.yaml")):
+    for path in sorted(Path("configs").rglob("*.yaml")):
         if "phases" not in yaml.safe_load(path.read_text()):  # data recipes; configs naming built data files
             continue
         for phase in load_config(path).phases:
             recipes[phase.recipe] = load_recipe(phase.recipe)
-    assert "configs/data_mix_long.yaml" in recipes
+    assert "configs/recipes/data_mix_long.yaml" in recipes
     seeds = [r[split]["seed"] for r in recipes.values() for split in ("train", "eval")]
     assert len(seeds) == len(set(seeds))
     # component c of a split is built with seed split_seed * 100 + c (gistctl/data/mix.py)
@@ -114,8 +129,8 @@ def test_grad_chunks_answer_is_checked_for_every_phase_before_anything_runs(tmp_
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     path = tmp_path / "c.yaml"
     path.write_text("gist: {positions: compact}\ntrain: {grad_chunks: answer}\nphases:\n"
-                    "  - {name: a, recipe: configs/data_mix_long.yaml}\n"
-                    "  - {name: b, recipe: configs/data_mix_long.yaml, gist: {positions: sequential}}\n")
+                    "  - {name: a, recipe: configs/recipes/data_mix_long.yaml}\n"
+                    "  - {name: b, recipe: configs/recipes/data_mix_long.yaml, gist: {positions: sequential}}\n")
     with pytest.raises(ConfigError, match="grad_chunks: answer or copied needs gist.positions: compact"):
         load_config(path)
     path.write_text(path.read_text().replace("positions: sequential", "chunk_tokens: 512"))
@@ -130,7 +145,7 @@ def test_a_phase_may_train_with_the_auto_layout_and_no_unknown_one(tmp_path, mon
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     path = tmp_path / "c.yaml"
     path.write_text("train: {grad_chunks: answer}\n"
-                    "phases:\n  - {name: a, recipe: configs/data_mix_long.yaml, gist: {positions: auto}}\n")
+                    "phases:\n  - {name: a, recipe: configs/recipes/data_mix_long.yaml, gist: {positions: auto}}\n")
     assert load_config(path).phases[0].gist["positions"] == "auto"
     path.write_text(path.read_text().replace("positions: auto", "positions: diagonal"))
     with pytest.raises(ConfigError, match=r"phases\.a\.gist\.positions .*sequential, compact, auto"):

@@ -10,7 +10,7 @@ import pytest
 from tiny import build_tokenizer
 from typer.testing import CliRunner
 
-from gistctl.bench.metrics import score
+from gistctl.scoring import score
 from gistctl.cli.main import app
 from gistctl.data.builders import build_aggregate, build_facts, build_niah, build_passkey
 from gistctl.data.haystack import builtin_haystack, haystack_from_dir
@@ -404,7 +404,7 @@ def test_shipped_recipe_is_valid():
 
     from gistctl.data.mix import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "data_mix.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "recipes" / "data_mix.yaml")
     assert recipe["train"]["seed"] != recipe["eval"]["seed"]
 
 

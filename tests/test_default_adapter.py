@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gistctl.gist.lora import DEFAULT_ADAPTER, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
+from gistctl.gist.adapter import DEFAULT_ADAPTER, SHIPPED_ADAPTERS, adapter_fingerprint, read_adapter_meta
 
 ADAPTER = SHIPPED_ADAPTERS / DEFAULT_ADAPTER
 
@@ -18,14 +18,14 @@ def test_shipped_adapter_is_small_and_self_describing(name):
     for key in ("recipe", "data", "step", "evals"):
         assert key in meta, key
     assert sum(p.stat().st_size for p in adapter.iterdir()) < 20 * 2**20
-    gist = read_gist_meta(adapter)
-    assert gist["num_gist"] == meta["recipe"]["gist"]["num_tokens"]
+    gist = read_adapter_meta(adapter)
+    assert gist.num_gist == meta["recipe"]["gist"]["num_gist"]
 
 
 def fresh_passkeys_right(adapter: str | None, key_format: str, n: int = 3, tokens: str = "600") -> int:
     """How many of n fresh passkey documents (seed 777_000: no recipe uses it) the adapter answers from
     its blob."""
-    from gistctl.bench.metrics import passkey_match
+    from gistctl.scoring import passkey_match
     from gistctl.data.builders import build_passkey
     from gistctl.data.lengths import parse_lengths
     from gistctl.engine import open_gist_model
@@ -51,7 +51,7 @@ def test_phase0_adapter_answers_fresh_digit_passkeys_from_its_blob():
 def test_default_adapter_reads_one_chunk_per_1024_tokens():
     """The shipped recipe's last phase (p5-aggregate) trains 1024-token chunks, and the adapter ships with them."""
     meta = json.loads((ADAPTER / "meta.json").read_text())
-    assert read_gist_meta(ADAPTER)["chunk_tokens"] == 1024
+    assert read_adapter_meta(ADAPTER).chunk_tokens == 1024
     assert meta["phases"][-1]["gist"] == meta["recipe"]["phases"][-1]["gist"] == {"chunk_tokens": 1024,
                                                                                   "positions": "auto"}
     assert meta["step"] == sum(phase["steps"] for phase in meta["phases"])
@@ -88,10 +88,10 @@ def test_default_adapter_reads_every_fresh_passkey():
 def test_default_adapter_reads_with_the_layout_its_last_phase_trained():
     """The last phase trained the layout compress reads with (auto: one per document); gist.json (what compress uses)
     says so, and meta.json records no other shipped layout."""
-    from gistctl.kv.positions import AUTO, SEQUENTIAL
+    from gistctl.gist.positions import AUTO, SEQUENTIAL
 
-    meta, gist = json.loads((ADAPTER / "meta.json").read_text()), read_gist_meta(ADAPTER)
+    meta, gist = json.loads((ADAPTER / "meta.json").read_text()), read_adapter_meta(ADAPTER)
     recipe = meta["recipe"]
     trained = recipe["phases"][-1]["gist"].get("positions", recipe["gist"].get("positions", SEQUENTIAL))
-    assert gist["positions"] == trained == AUTO
+    assert gist.positions == trained == AUTO
     assert "positions" not in meta

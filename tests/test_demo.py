@@ -28,9 +28,29 @@ def test_demo_sections_on_the_tiny_model(tiny_model_dir, tmp_path):
     _check_sections(result, tmp_path / "run")
 
 
+def test_demo_ratio_is_the_ratio_compress_prints(tiny_model_dir, tmp_path):
+    """Like for like: the demo's "x smaller" compares the blob with the full KV at the blob's dtype, as compress."""
+    import re
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Ada keeps the lighthouse. The call sign is MRW-7. " * 5)
+    model = ["--model", str(tiny_model_dir), "--adapter", "none", "--num-gist", "2"]
+    compressed = CliRunner().invoke(app, ["compress", str(doc), "-o", str(tmp_path / "doc.kv"), *model])
+    assert compressed.exit_code == 0, compressed.output
+    ratio = re.search(r"ratio\s+([\d.]+)x smaller", compressed.output).group(1)
+    result = CliRunner().invoke(app, ["demo", *model, "--document", str(doc), "-q", "Who?", "--run-dir",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "demo.json").read_text())
+    assert saved["full_kv_dtype"] == "fp16"
+    assert f"{saved['full_kv_bytes'] / saved['state_bytes']['gist']:.1f}" == ratio
+    gist_row = next(line for line in result.output.splitlines() if "gist KV blob on disk" in line)
+    assert f"{ratio}x smaller" in gist_row
+
+
 @pytest.mark.slow
 def test_demo_on_the_default_model_and_adapter(tmp_path):
-    from gistctl.gist.lora import DEFAULT_ADAPTER, SHIPPED_ADAPTERS
+    from gistctl.gist.adapter import DEFAULT_ADAPTER, SHIPPED_ADAPTERS
 
     if not (SHIPPED_ADAPTERS / DEFAULT_ADAPTER).is_dir():
         pytest.fail("the default adapter is not shipped")

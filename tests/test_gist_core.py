@@ -8,8 +8,9 @@ from gistctl.errors import DataError
 from gistctl.gist.chunks import EVEN, FIXED, split_chunks
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import gist_forward
-from gistctl.gist.lora import (adapter_fingerprint, expected_trainable_parameters, load_gist_model, save_adapter,
-                               wrap_with_lora)
+from gistctl.gist.adapter import adapter_fingerprint, save_adapter
+from gistctl.gist.model import load_gist_model
+from gistctl.train.lora import expected_trainable_parameters, wrap_with_lora
 from gistctl.gist.mask import ANSWER, CONTEXT, GIST, QUESTION, build_gist_mask
 from gistctl.gist.tokens import add_gist_tokens
 from gistctl.models import load_model
@@ -209,6 +210,27 @@ def test_adapter_save_load_gives_identical_logits(tiny_model_dir, tmp_path):
             got = gist_forward(reloaded.model, batch).logits
         tolerance = 2e-4 if merge else 1e-5  # merging LoRA into the weights rounds differently in fp32
         assert torch.allclose(got, expected, atol=tolerance), (merge, float((got - expected).abs().max()))
+
+
+def test_adapter_fingerprint_covers_its_reading_settings(tiny_model_dir, tmp_path):
+    """Two adapters with the same weights but another K layout, chunk length or gist layout never share a
+    fingerprint; a note training recorded beside them does not change it."""
+    import json
+
+    from gistctl.gist.adapter import GIST_META, read_adapter_meta
+
+    first = load_model(str(tiny_model_dir), device="cpu")
+    gist_ids = add_gist_tokens(first.model, first.tokenizer, 2)
+    adapter = tmp_path / "adapter"
+    fingerprint = save_adapter(wrap_with_lora(first.model, gist_ids, LoraSettings(r=2, alpha=4)), first, gist_ids,
+                               64, adapter)
+    assert read_adapter_meta(adapter).format_version == 2
+    original = json.loads((adapter / GIST_META).read_text())
+    for key, value in (("chunk_tokens", 128), ("positions", "compact"), ("chunking", "even")):
+        (adapter / GIST_META).write_text(json.dumps({**original, key: value}))
+        assert adapter_fingerprint(adapter) != fingerprint, key
+    (adapter / GIST_META).write_text(json.dumps({**original, "trained_steps": 99}))
+    assert adapter_fingerprint(adapter) == fingerprint
 
 
 def test_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):

@@ -11,7 +11,7 @@ from gistctl import prompt
 from gistctl.cli.main import app
 from gistctl.gist.collate import interleave_gists, split_chunks
 from gistctl.gist.forward import gist_forward
-from gistctl.gist.lora import load_gist_model
+from gistctl.gist.model import load_gist_model
 from gistctl.gist.mask import GistLayout, build_gist_mask
 from gistctl.kv.answer import answer_from_blob, blob_cache
 from gistctl.kv.blob import read_blob, write_blob
@@ -149,13 +149,32 @@ def _edit_metadata(path, change):
     path.write_bytes(struct.pack("<Q", len(new_header)) + new_header + raw[8 + header_len :])
 
 
+def _flip_tensor_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # inside the values tensor (the data follows the header)
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated or corrupt|not a gistctl blob"),
     (lambda p: p.write_text("hello"), "not a gistctl blob"),
     (lambda p: _edit_metadata(p, lambda m: m.update(format_version=99)), "newer than this gistctl"),
-    (lambda p: _edit_metadata(p, lambda m: m.update(num_chunks=2)), "shape mismatch"),
-    (lambda p: _edit_metadata(p, lambda m: m.update(model_fingerprint="0" * 64)), "was made with"),
-    (lambda p: _edit_metadata(p, lambda m: m.update(adapter_fingerprint="f" * 64)), "was made with"),
+    # every field is type- and consistency-checked, before the checksum
+    (lambda p: _edit_metadata(p, lambda m: m.update(num_chunks=2)), "corrupt metadata: num_chunks is 2"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(num_chunks="1.0")), "num_chunks must be a positive integer"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(format_version=0)), "blob format 0"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(format_version=1)), "blob format 1 .*compress the document again"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(positions="weird")), "positions must be one of"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(num_gist=True)), "num_gist must be a positive integer"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(dtype="bf16")), "metadata says bf16"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(gist_positions=m["gist_positions"][:-1])), "gist_positions"),
+    (lambda p: _edit_metadata(p, lambda m: m.pop("checksum")), "missing checksum"),
+    # the checksum covers the metadata as well as the tensors, and a blob without one is refused
+    (lambda p: _edit_metadata(p, lambda m: m.update(next_position=m["next_position"] + 4000)), "checksum mismatch"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(model_fingerprint="0" * 64)), "checksum mismatch"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(adapter_fingerprint="f" * 64)), "checksum mismatch"),
+    (lambda p: (_edit_metadata(p, lambda m: m.update(checksum="")), _flip_tensor_byte(p)), "checksum must be a sha256"),
+    (_flip_tensor_byte, "checksum mismatch"),
 ])
 def test_blob_errors_are_one_line_exit_2(blob_file, damage, message):
     damage(blob_file)

@@ -9,12 +9,14 @@ from typer.testing import CliRunner
 from gistctl import prompt
 from gistctl.cli.main import app
 from gistctl.errors import DataError
-from gistctl.gist.lora import GIST_META, load_gist_model, read_gist_meta, save_adapter, wrap_with_lora
+from gistctl.gist.adapter import GIST_META, read_adapter_meta, save_adapter
+from gistctl.gist.model import load_gist_model
+from gistctl.train.lora import wrap_with_lora
 from gistctl.config import LoraSettings
 from gistctl.kv.answer import answer_from_blob
 from gistctl.kv.blob import read_blob, write_blob
 from gistctl.kv.compress import compress_document
-from gistctl.kv.positions import (AUTO, AUTO_SEQUENTIAL_CHUNKS, COMPACT, SEQUENTIAL, layout_for, rope_inv_freq,
+from gistctl.gist.positions import (AUTO, AUTO_SEQUENTIAL_CHUNKS, COMPACT, SEQUENTIAL, layout_for, rope_inv_freq,
                                   rotate_keys)
 from gistctl.models import load_model
 
@@ -150,7 +152,7 @@ def test_rope_that_depends_on_length_is_refused(tiny_model_dir):
 def test_compress_cli_positions(tiny_model_dir, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC)
-    base = ["compress", str(doc), "--model", str(tiny_model_dir), "--adapter", "none", "--gist", "3",
+    base = ["compress", str(doc), "--model", str(tiny_model_dir), "--adapter", "none", "--num-gist", "3",
             "--chunk-tokens", "16"]
     result = CliRunner().invoke(app, base + ["--positions", "compact", "-o", str(tmp_path / "c.kv")])
     assert result.exit_code == 0, result.output
@@ -177,7 +179,7 @@ def test_adapter_records_its_layout_and_reship_changes_it(tiny_model_dir, tmp_pa
     peft_model = wrap_with_lora(gm.model, gm.gist_ids, LoraSettings(r=2, alpha=4, target_modules=["q_proj"]))
     checkpoint = tmp_path / "final"
     save_adapter(peft_model, loaded, gm.gist_ids, 16, checkpoint)
-    assert read_gist_meta(checkpoint)["positions"] == SEQUENTIAL
+    assert read_adapter_meta(checkpoint).positions == SEQUENTIAL
     (checkpoint / "meta.json").write_text(json.dumps({"step": 3, "seed": 0, "data": {}, "evals": []}))
     (checkpoint / "config.yaml").write_text("train: {}\n")
     shipped = ship_adapter(checkpoint, "demo", positions=COMPACT, target_root=tmp_path / "adapters")
@@ -194,7 +196,7 @@ def test_adapter_records_its_layout_and_reship_changes_it(tiny_model_dir, tmp_pa
     assert load_gist_model(load_model(str(tiny_model_dir), device="cpu"), auto).positions == AUTO
     with pytest.raises(DataError, match="unknown gist position layout"):
         ship_adapter(shipped, "demo", positions="diagonal", target_root=tmp_path / "adapters")
-    assert read_gist_meta(checkpoint)["chunking"] == "fixed"  # the split is recorded like the layout
+    assert read_adapter_meta(checkpoint).chunking == "fixed"  # the split is recorded like the layout
     even = ship_adapter(shipped, "demo", chunking="even", target_root=tmp_path / "adapters")
     assert json.loads((even / "meta.json").read_text())["chunking"] == {"trained": "fixed", "shipped": "even"}
     assert load_gist_model(load_model(str(tiny_model_dir), device="cpu"), even).chunking == "even"

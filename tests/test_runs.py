@@ -8,10 +8,10 @@ from gistctl.runs import RunDir, atomic_path, atomic_write_text
 
 
 def test_run_dir_writes_config_and_meta_first(tmp_path):
-    run = RunDir.create("train", {"gist": {"num_tokens": 3}}, seed=5, argv=["gistctl", "train"])
+    run = RunDir.create("train", {"gist": {"num_gist": 3}}, seed=5, argv=["gistctl", "train"])
     assert run.path.parent == tmp_path / "runs"
     assert run.path.name.startswith("train-")
-    assert yaml.safe_load(run.file("config.yaml").read_text()) == {"gist": {"num_tokens": 3}}
+    assert yaml.safe_load(run.file("config.yaml").read_text()) == {"gist": {"num_gist": 3}}
     meta = json.loads(run.file("meta.json").read_text())
     assert meta["seed"] == 5 and meta["command"] == "train" and meta["argv"] == ["gistctl", "train"]
     for key in ("gistctl_version", "python", "torch", "transformers", "device", "git_commit"):

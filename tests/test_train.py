@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from gistctl.config import load_config
 from gistctl.data.schema import write_jsonl
 from gistctl.train.checkpoint import CHECKPOINT_FILES, STATE_FILE
+from gistctl.train.lora import GIST_ROWS_KEY
 from gistctl.train.loop import TrainingError, train
 
 KEYS = ["7K2P9A", "Q4M8ZT", "B3X7RN", "H9C2LW"]
@@ -31,7 +32,8 @@ def lora_model_that_matters(model_dir):
     """(loaded, gist model, LoRA-wrapped model) on the tiny model, K=2, with LoRA B drawn non-zero (it starts at
     zero) so that the adapter changes the forward pass."""
     from gistctl.config import LoraSettings
-    from gistctl.gist.lora import load_gist_model, wrap_with_lora
+    from gistctl.gist.model import load_gist_model
+    from gistctl.train.lora import wrap_with_lora
     from gistctl.models import load_model
 
     loaded = load_model(str(model_dir), device="cpu")
@@ -53,7 +55,7 @@ def data_file(tmp_path):
 
 
 def settings(model_dir, data, **train):
-    base = {"model.name": str(model_dir), "model.device": "cpu", "gist.num_tokens": 2, "train.data": str(data),
+    base = {"model.name": str(model_dir), "model.device": "cpu", "gist.num_gist": 2, "train.data": str(data),
             "train.batch_size": 2, "train.max_steps": 10, "train.warmup_steps": 2, "train.lr": 1e-2,
             "train.gist_lr": 1e-2, "train.save_every": 5, "train.bf16": False, "lora.r": 4, "lora.alpha": 8}
     base.update({f"train.{k}": v for k, v in train.items()})
@@ -67,7 +69,7 @@ def test_overfit_one_batch_then_answer_from_blob(tiny_model_dir, tmp_path):
     config = settings(tiny_model_dir, data, batch_size=2, max_steps=80)
     result = train(config, tmp_path / "run", overfit_steps=80, overfit_threshold=0.2)
     assert result.losses[-1] < 0.1 * result.losses[0]  # loss fell by more than 90%
-    from gistctl.gist.lora import load_gist_model
+    from gistctl.gist.model import load_gist_model
     from gistctl.kv.answer import answer_from_blob
     from gistctl.kv.compress import compress_document
     from gistctl.models import load_model
@@ -109,7 +111,20 @@ def test_gradient_accumulation_matches_big_batch(tiny_model_dir, data_file, tmp_
     assert abs(big.last_loss - acc.last_loss) < 1e-5
 
 
-def test_checkpoint_files_and_frozen_weights(tiny_model_dir, data_file, tmp_path):
+def test_checkpoint_files_and_frozen_weights(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    import gistctl.train.loop as loop
+
+    # the base weights as training got them (after the gist rows were added), compared with the same tensors
+    # after training, in this process: LoRA and the gist rows train, nothing of the base model moves
+    seen = {}
+    real_wrap = loop.wrap_with_lora
+
+    def wrap_and_remember(model, gist_ids, settings):
+        seen["before"] = [(name, param, param.detach().clone()) for name, param in model.named_parameters()]
+        seen["model"] = real_wrap(model, gist_ids, settings)
+        return seen["model"]
+
+    monkeypatch.setattr(loop, "wrap_with_lora", wrap_and_remember)
     run = tmp_path / "run"
     result = train(settings(tiny_model_dir, data_file, max_steps=6, save_every=3), run)
     for name in ("step-000003", "final"):
@@ -124,17 +139,21 @@ def test_checkpoint_files_and_frozen_weights(tiny_model_dir, data_file, tmp_path
     # fingerprint hashes this file, so it is written sorted (same weights, same fingerprint, in any process)
     lora_config = json.loads((run / "final" / "adapter_config.json").read_text())
     assert lora_config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    # the adapter holds LoRA weights and the gist rows only: base weights and other rows untouched
-    from gistctl.gist.lora import load_gist_model
+    assert len(seen["before"]) > 10
+    moved = [name for name, param, before in seen["before"] if not torch.equal(param.detach(), before)]
+    assert moved == []
+    trained = {name: param for name, param in seen["model"].named_parameters() if param.requires_grad}
+    assert any("lora_" in name for name in trained) and any(GIST_ROWS_KEY in name for name in trained)
+    assert all("lora_" in name or GIST_ROWS_KEY in name for name in trained)
+    # the adapter on disk holds the gist rows training moved away from their mean initialisation
+    from gistctl.gist.model import load_gist_model
     from gistctl.models import load_model
 
     base = load_model(str(tiny_model_dir), device="cpu")
     base_embed = base.model.get_input_embeddings().weight.detach().clone()
-    base_mlp = base.model.model.layers[0].mlp.up_proj.weight.detach().clone()
     gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), result.final_dir, merge=False)
     embed = gm.model.get_input_embeddings()(torch.arange(base_embed.shape[0])[None])[0]
     assert torch.equal(embed, base_embed)
-    assert torch.equal(gm.model.base_model.model.model.layers[0].mlp.up_proj.weight, base_mlp)
     gist_rows = gm.model.get_input_embeddings()(torch.tensor([gm.gist_ids]))[0]
     assert not torch.allclose(gist_rows, base_embed.mean(dim=0).expand_as(gist_rows))  # gist rows trained
 
@@ -155,7 +174,7 @@ def test_two_process_cpu_run(tiny_model_dir, data_file, tmp_path):
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gistctl", "train",
-               "--model", str(tiny_model_dir), "--data", str(data_file), "--gist", "2", "--max-steps", "3",
+               "--model", str(tiny_model_dir), "--data", str(data_file), "--num-gist", "2", "--max-steps", "3",
                "--batch-size", "1", "--device", "cpu", "--run-dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -170,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_model_dir, data_file, tmp_
 
     run = tmp_path / "bg"
     command = [sys.executable, "-m", "gistctl", "train", "--model", str(tiny_model_dir), "--data", str(data_file),
-               "--gist", "2", "--max-steps", "100000", "--batch-size", "1", "--device", "cpu", "--run-dir", str(run)]
+               "--num-gist", "2", "--max-steps", "100000", "--batch-size", "1", "--device", "cpu", "--run-dir", str(run)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -202,7 +221,7 @@ def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_pat
                                          warmup_steps=0), tmp_path / "fresh").final_dir / "adapter_model.safetensors"))
     assert not all(torch.allclose(a[k], fresh[k], atol=1e-6) for k in a)
     bad = settings(tiny_model_dir, data_file, max_steps=1)
-    bad.gist.num_tokens = 3
+    bad.gist.num_gist = 3
     bad.train.init_adapter = str(first.final_dir)
     from gistctl.errors import ConfigError
 
@@ -211,11 +230,11 @@ def test_init_adapter_starts_from_another_run(tiny_model_dir, data_file, tmp_pat
 
 
 def test_init_adapter_widens_k_by_repeating_each_gist_row(tiny_model_dir, data_file, tmp_path):
-    from gistctl.gist.lora import GIST_ROWS_KEY
+    from gistctl.train.lora import GIST_ROWS_KEY
 
     first = train(settings(tiny_model_dir, data_file, max_steps=3), tmp_path / "k2")
     wide = settings(tiny_model_dir, data_file, max_steps=1, lr=1e-12, gist_lr=1e-12, warmup_steps=0)
-    wide.gist.num_tokens = 4
+    wide.gist.num_gist = 4
     wide.train.init_adapter = str(first.final_dir)
     second = train(wide, tmp_path / "k4")
     a = load_file(str(first.final_dir / "adapter_model.safetensors"))
@@ -249,7 +268,8 @@ def test_init_adapter_into_more_lora_modules_starts_exactly_where_it_left_off(ti
 
 
 def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, tmp_path):
-    from gistctl.gist.lora import adapter_fingerprint, load_gist_model
+    from gistctl.gist.adapter import adapter_fingerprint
+    from gistctl.gist.model import load_gist_model
     from gistctl.models import load_model
     from gistctl.train.ship import ship_adapter
 
@@ -257,7 +277,7 @@ def test_ship_adapter_writes_a_self_describing_copy(tiny_model_dir, data_file, t
     shipped = ship_adapter(final, "mine", note="test", target_root=tmp_path / "adapters")
     meta = json.loads((shipped / "meta.json").read_text())
     assert meta["adapter_fingerprint"] == adapter_fingerprint(shipped) == adapter_fingerprint(final)
-    assert meta["step"] == 2 and meta["recipe"]["gist"]["num_tokens"] == 2 and meta["note"] == "test"
+    assert meta["step"] == 2 and meta["recipe"]["gist"]["num_gist"] == 2 and meta["note"] == "test"
     assert STATE_FILE not in os.listdir(shipped)
     load_gist_model(load_model(str(tiny_model_dir), device="cpu"), shipped)  # loads as an adapter
     rechunked = ship_adapter(final, "long", chunk_tokens=64, target_root=tmp_path / "adapters")
@@ -272,7 +292,7 @@ def curriculum_config(tmp_path, model_dir, **overrides):
     recipe = {"train": {"n": 6, "seed": 1}, "eval": {"n": 2, "seed": 2}, "haystack_dir": None,
               "components": [{"task": "passkey", "weight": 1, "tokens": "100..140", "options": {"key_format": "digits5"}}]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    config = {"model": {"name": str(model_dir), "device": "cpu"}, "gist": {"num_tokens": 2},
+    config = {"model": {"name": str(model_dir), "device": "cpu"}, "gist": {"num_gist": 2},
               "lora": {"r": 4, "alpha": 8},
               "train": {"batch_size": 2, "lr": 1e-2, "gist_lr": 1e-2, "warmup_steps": 0, "bf16": False,
                         "save_every": 1, "eval_every": 2, "eval_limit": 2},
@@ -365,9 +385,9 @@ def test_curriculum_config_errors(tiny_model_dir, tmp_path):
         curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "recipe.yaml")}] * 2)
     with pytest.raises(ConfigError, match="does not exist"):
         curriculum_config(tmp_path, tiny_model_dir, phases=[{"name": "a", "recipe": str(tmp_path / "none.yaml")}])
-    with pytest.raises(ConfigError, match="phases.a.gist.num_tokens"):  # gist rows carry over: K is fixed
+    with pytest.raises(ConfigError, match="phases.a.gist.num_gist"):  # gist rows carry over: K is fixed
         curriculum_config(tmp_path, tiny_model_dir, phases=[
-            {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "gist": {"num_tokens": 4}}])
+            {"name": "a", "recipe": str(tmp_path / "recipe.yaml"), "gist": {"num_gist": 4}}])
 
 
 def test_stop_at_step_finishes_part_way_through_the_schedule(tiny_model_dir, data_file, tmp_path):
@@ -455,7 +475,7 @@ def test_auto_layout_loss_reads_each_example_in_the_layout_compress_chooses(tiny
     sum of the two concrete layouts' over their examples, and differ from reading the short ones compact too."""
     from gistctl.gist.collate import GistCollator
     from gistctl.gist.forward import chunked_answer_loss_sum
-    from gistctl.kv.positions import AUTO_SEQUENTIAL_CHUNKS
+    from gistctl.gist.positions import AUTO_SEQUENTIAL_CHUNKS
 
     loaded, gm, model = lora_model_that_matters(tiny_model_dir)
     collator = GistCollator(loaded.tokenizer, gm.gist_ids, 512, 8)
@@ -483,7 +503,8 @@ def test_auto_layout_loss_reads_each_example_in_the_layout_compress_chooses(tiny
 def test_compact_training_answers_from_compact_blobs(tiny_model_dir, tmp_path):
     """gist.positions: compact trains through the chunk-by-chunk read, records the layout in gist.json, and
     the adapter then answers several-chunk documents from compact blobs."""
-    from gistctl.gist.lora import load_gist_model, read_gist_meta
+    from gistctl.gist.adapter import read_adapter_meta
+    from gistctl.gist.model import load_gist_model
     from gistctl.kv.answer import answer_from_blob
     from gistctl.kv.compress import compress_document
     from gistctl.models import load_model
@@ -495,7 +516,7 @@ def test_compact_training_answers_from_compact_blobs(tiny_model_dir, tmp_path):
     config.gist.chunk_tokens, config.gist.positions = 12, "compact"
     result = train(config, tmp_path / "run", overfit_steps=80, overfit_threshold=0.2)
     assert result.losses[-1] < 0.1 * result.losses[0]
-    assert read_gist_meta(result.final_dir)["positions"] == "compact"
+    assert read_adapter_meta(result.final_dir).positions == "compact"
     gm = load_gist_model(load_model(str(tiny_model_dir), device="cpu"), result.final_dir)
     for record in records:
         blob, _ = compress_document(gm, record["context"], dtype="fp32")

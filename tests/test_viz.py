@@ -36,7 +36,7 @@ def invoke(*args: str):
 
 def test_png_has_the_right_pixel_size(tmp_path):
     out = tmp_path / "mask.png"
-    result = invoke("--gist", "25", "--context", "40", "--question", "8", "--answer", "4", "-o", str(out),
+    result = invoke("--num-gist", "25", "--context", "40", "--question", "8", "--answer", "4", "-o", str(out),
                     "--dpi", str(DPI))
     assert result.exit_code == 0, result.output
     assert "K=25, context 40, question 8, answer 4 (77 tokens)" in result.output
@@ -50,7 +50,7 @@ def test_pixels_differ_between_two_layouts(tmp_path):
     paths = {}
     for name, k in (("k25", "25"), ("k25_again", "25"), ("k10", "10")):
         paths[name] = tmp_path / f"{name}.png"
-        result = invoke("--gist", k, "--context", "40", "-o", str(paths[name]), "--dpi", str(DPI))
+        result = invoke("--num-gist", k, "--context", "40", "-o", str(paths[name]), "--dpi", str(DPI))
         assert result.exit_code == 0, result.output
     k25, k25_again, k10 = (read_png(paths[n]) for n in ("k25", "k25_again", "k10"))
     assert k25.shape == k10.shape
@@ -90,7 +90,7 @@ def test_cell_categories_follow_the_mask_rules():
 
 def test_multi_chunk_from_repeated_and_comma_separated_context(tmp_path):
     out = tmp_path / "chunks.png"
-    result = invoke("--gist", "5", "--context", "30,20", "--context", "25", "-o", str(out), "--dpi", str(DPI))
+    result = invoke("--num-gist", "5", "--context", "30,20", "--context", "25", "-o", str(out), "--dpi", str(DPI))
     assert result.exit_code == 0, result.output
     assert "K=5, 3 chunks 30+20+25, question 8, answer 4 (102 tokens)" in result.output
     assert out.is_file()
@@ -127,7 +127,7 @@ def examples_file(tmp_path) -> Path:
 
 def test_example_draws_the_collated_layout(tiny_model_dir, examples_file, tmp_path):
     out = tmp_path / "example.png"
-    result = invoke("--example", f"{examples_file}:2", "--model", str(tiny_model_dir), "--gist", "4",
+    result = invoke("--example", f"{examples_file}:2", "--model", str(tiny_model_dir), "--num-gist", "4",
                     "-o", str(out), "--dpi", str(DPI))
     assert result.exit_code == 0, result.output
     assert "data.jsonl:2 (id second): K=4, context" in result.output  # lines count from 1
@@ -154,7 +154,7 @@ def test_example_longer_than_max_length_is_drawn_truncated(tiny_model_dir, examp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--gist", "0"], "--gist must be >= 1"),
+    (["--num-gist", "0"], "--num-gist must be >= 1"),
     (["--context", "abc"], "--context takes token counts"),
     (["--context", "-5"], "--context lengths must be >= 0"),
     (["--question", "-1"], "--question and --answer must be >= 0"),

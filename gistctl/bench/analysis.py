@@ -1,30 +1,24 @@
-"""What the modules that read a finished bench run share (`itemized`, `lists`, `misses`): its command line and
-its prediction rows beside the examples they answered."""
+"""What the modules that read a finished bench run share (`itemized`, `lists`, `misses`, behind
+`gistctl analyze`): the run folder check and its prediction rows beside the examples they answered."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 from gistctl.bench.runner import PREDICTIONS, load_predictions
 from gistctl.data.schema import read_jsonl
+from gistctl.errors import DataError
 
 
-def parse_run_dir(doc: str, argv: list[str] | None = None,
-                  add_options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """`python -m gistctl.bench.<module> RUN_DIR [options]`: the module docstring's first paragraph is the help;
-    a folder without predictions.jsonl is a usage error (exit 2)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    if add_options:
-        add_options(parser)
-    args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / PREDICTIONS).is_file():
-        parser.error(f"'{args.run_dir}' is not a bench run directory (no {PREDICTIONS})")
-    return args
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` as a Path, or a DataError when it is not a finished bench run (no predictions.jsonl)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / PREDICTIONS).is_file():
+        raise DataError(f"'{run_dir}' is not a bench run directory (no {PREDICTIONS})")
+    return run_dir
 
 
 def rows_with_examples(run_dir: str | Path) -> Iterator[tuple[dict, dict]]:

@@ -1,6 +1,6 @@
 """How itemized counts went: did the model recall the items, and did it count what it said?
 
-    python -m gistctl.bench.itemized runs/bench-p8-agg50
+    gistctl analyze itemized runs/bench-p8-agg50
 
 An adapter trained with `data aggregate --counts itemized` answers a count or total question with every item's
 value in the order of the text, then the number ("red, blue, red; red: 2"). For each such answer of a bench run
@@ -16,8 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gistctl.bench.analysis import parse_run_dir, rows_with_examples
-from gistctl.bench.metrics import first_number
+from gistctl.bench.analysis import check_run_dir, rows_with_examples
+from gistctl.scoring import first_number
 from gistctl.data.needles import AGGREGATE_SCORING
 
 _ITEMIZED = re.compile(r"^\s*(?P<items>[^;]*);[^:]+:\s*(?P<number>\S+)")  # "a, b, c; label: n"
@@ -64,14 +64,11 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, dict[str, int]]]:
     return {method: {qt: dict(c) for qt, c in by_type.items()} for method, by_type in table.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_run_dir(__doc__, argv)
+def report_lines(run_dir: str | Path) -> list[str]:
+    """`gistctl analyze itemized RUN`: a header, then one tab-separated line per column and question type."""
     names = [f.name for f in fields(ItemizedCheck)]
-    print("method\tquestion\tn\t" + "\t".join(names))
-    for method, by_type in check_run(args.run_dir).items():
+    lines = ["method\tquestion\tn\t" + "\t".join(names)]
+    for method, by_type in check_run(check_run_dir(run_dir)).items():
         for question_type, counts in sorted(by_type.items()):
-            print(f"{method}\t{question_type}\t{counts['n']}\t" + "\t".join(str(counts.get(name, 0)) for name in names))
-
-
-if __name__ == "__main__":
-    main()
+            lines.append(f"{method}\t{question_type}\t{counts['n']}\t" + "\t".join(str(counts.get(name, 0)) for name in names))
+    return lines

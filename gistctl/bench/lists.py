@@ -1,6 +1,6 @@
 """Which items of an aggregate list a bench run recalled, by how often the document mentions each:
 
-    python -m gistctl.bench.lists runs/bench-p9-agg50
+    gistctl analyze lists runs/bench-p9-agg50
 
 A list question ("Which birds did the observer count?") is scored by recall of its distinct values. This splits
 that recall by how many times the document mentions each value (once, twice, three times or more), so a run shows
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from gistctl.bench.analysis import parse_run_dir, rows_with_examples
-from gistctl.bench.metrics import list_recall, normalize
+from gistctl.bench.analysis import check_run_dir, rows_with_examples
+from gistctl.scoring import list_recall, normalize
 from gistctl.data.needles import AGGREGATE_FAMILIES
 
 MENTIONS = ("1", "2", "3+")  # how many times the document mentions a value
@@ -71,15 +71,12 @@ def check_run(run_dir: str | Path) -> dict[str, dict[str, int]]:
     return {method: dict(counts) for method, counts in table.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_run_dir(__doc__, argv)
-    print("method\tlist answers\trepeating an item\tvalues named\tnot in the document\t"
-          + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS))
-    for method, counts in check_run(args.run_dir).items():
+def report_lines(run_dir: str | Path) -> list[str]:
+    """`gistctl analyze lists RUN`: a header, then one tab-separated line per bench column."""
+    lines = ["method\tlist answers\trepeating an item\tvalues named\tnot in the document\t"
+             + "\t".join(f"recalled, mentioned {m}" for m in MENTIONS)]
+    for method, counts in check_run(check_run_dir(run_dir)).items():
         cells = [f"{counts.get(f'recalled_{m}', 0)}/{counts.get(f'values_{m}', 0)}" for m in MENTIONS]
-        print(f"{method}\t{counts['answers']}\t{counts['repeats']}\t{counts['named']}\t{counts['named_wrong']}\t"
-              + "\t".join(cells))
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"{method}\t{counts['answers']}\t{counts['repeats']}\t{counts['named']}\t{counts['named_wrong']}\t"
+                     + "\t".join(cells))
+    return lines

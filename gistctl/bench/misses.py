@@ -1,6 +1,6 @@
 """Where a gist answer went wrong: teacher-force the right answer on the bench's own blobs.
 
-    python -m gistctl.bench.misses runs/bench-auto-passkey [--spell-codes]
+    gistctl analyze misses runs/bench-auto-passkey [--spell-codes]
 
 For every gist answer of a bench run (its `predictions.jsonl`, blobs kept under the run), the right answer
 is scored token by token from the same blob (`answer_ranks`): its negative log-likelihood (graded, where exact
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gistctl import prompt
-from gistctl.bench.analysis import parse_run_dir
-from gistctl.engine import open_gist_model_for_blob
+from gistctl.bench.analysis import check_run_dir
+from gistctl.engine import load_for_blob
 from gistctl.kv.answer import answer_from_blob, answer_ranks, check_blob_for_model
 from gistctl.kv.blob import read_blob
 
@@ -69,7 +69,7 @@ def score_run(run_dir: str | Path, *, spell_codes: bool = False) -> list[Scored]
         blob = read_blob(run_dir / row["blob"])
         key = (blob.meta.model_id, blob.meta.adapter, blob.meta.num_gist, blob.meta.chunk_tokens)
         if key not in models:  # one model per bench column, not one per blob
-            models[key] = open_gist_model_for_blob(blob.meta)
+            models[key] = load_for_blob(blob.meta).gist_model
         gm = models[key]
         check_blob_for_model(blob, gm, where=f"blob '{row['blob']}'")
         answer = row["answers"][0]
@@ -101,18 +101,15 @@ def summary(scored: list[Scored]) -> dict[str, dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_run_dir(__doc__, argv, lambda parser: parser.add_argument(
-        "--spell-codes", action="store_true", help="score codes one character per token"))
-    scored = score_run(args.run_dir, spell_codes=args.spell_codes)
+def report_lines(run_dir: str | Path, *, spell_codes: bool = False) -> list[str]:
+    """`gistctl analyze misses RUN`: each miss, then a summary line per bench column."""
+    scored = score_run(check_run_dir(run_dir), spell_codes=spell_codes)
+    lines = []
     for m in (s for s in scored if not s.correct):
-        print(f"{m.method}\t{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "
+        lines.append(f"{m.method}\t{m.id}\t{m.answer}\t{m.prediction!r}\tfirst wrong token {m.position}, rank {m.rank}, "
               f"chose {m.chose} {m.chosen_text!r}")
     for method, row in summary(scored).items():
-        print(f"{method}: {row['right']}/{row['n']} right; answer NLL mean {row['mean_nll']:.3f}, median "
+        lines.append(f"{method}: {row['right']}/{row['n']} right; answer NLL mean {row['mean_nll']:.3f}, median "
               f"{row['median_nll']:.3f} nats; misses with the right token second: {row['misses_second_choice']} "
               f"of {row['n'] - row['right']} {row['misses_by_choice']}")
-
-
-if __name__ == "__main__":
-    main()
+    return lines

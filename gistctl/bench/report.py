@@ -2,7 +2,7 @@
 
 metrics.json, per column (method): `accuracy`, `tasks.<task>`, `buckets.<length bucket>`,
 `question_types.<task>/<type>` (aggregate list / count / total, the value kind of niah and facts; see
-`gistctl.bench.metrics.question_type`), each
+`gistctl.scoring.question_type`), each
 `{mean, low, high, n}` (mean primary score and its 95% CI; NaN -> null), plus `n`, `errors` and the profile:
 means over rows without error of `ttft_ms`, `prepare_s`, `decode_tokens_per_s`, `prompt_tokens`,
 `state_bytes`, `full_kv_bytes`, `compression_ratio`; `peak_memory_bytes` is the max over rows.
@@ -15,8 +15,37 @@ import io
 import math
 from typing import Any
 
-from gistctl.bench.metrics import mean_ci95
 from gistctl.runs import RunDir, atomic_write_bytes
+
+_Z95 = 1.959963984540054
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of a 95% confidence interval for the mean.
+
+    Values all 0/1 (proportions): Wilson score interval, which stays inside [0, 1] and is not zero-width at
+    0% or 100%. Otherwise: normal approximation, mean +- 1.96 * sample std / sqrt(n), clipped to [0, 1] when
+    every value lies there. n == 0 gives (nan, nan, nan); n == 1 of a non-binary value gives (x, nan, nan)
+    since one sample has no spread.
+    """
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = sum(values) / n
+    if all(v in (0.0, 1.0) for v in values):
+        z2 = _Z95 * _Z95
+        centre = (mean + z2 / (2 * n)) / (1 + z2 / n)
+        half = _Z95 * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        return (mean, max(0.0, centre - half), min(1.0, centre + half))
+    if n == 1:
+        return (mean, math.nan, math.nan)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = _Z95 * std / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if all(0.0 <= v <= 1.0 for v in values):
+        low, high = max(0.0, low), min(1.0, high)
+    return (mean, low, high)
 
 FORMAT_VERSION = 1
 # Context-length buckets by meta.context_tokens: [low, high) in tokens.

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from gistctl import errors
-from gistctl.bench.metrics import question_type
+from gistctl.scoring import question_type
 from gistctl.errors import ConfigError, DataError, GistctlError
 from gistctl.gist.chunks import FIXED, check_chunking
-from gistctl.kv.positions import SEQUENTIAL, check_layout
+from gistctl.gist.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
 
 METHOD_KINDS = ("gist", "rag", "full")
@@ -80,7 +81,7 @@ def _split(spec: str | None) -> list[str]:
     return [part.strip() for part in (spec or "").split(",") if part.strip()]
 
 
-def parse_gist_sizes(spec: str | None, what: str = "--gist-sizes") -> list[int]:
+def parse_gist_sizes(spec: str | None, what: str = "--num-gist") -> list[int]:
     """"10,25,50" -> [10, 25, 50] (distinct positive integers, in order)."""
     sizes = []
     for part in _split(spec):
@@ -91,27 +92,27 @@ def parse_gist_sizes(spec: str | None, what: str = "--gist-sizes") -> list[int]:
 
 
 def shipped_size_adapter(k: int) -> str:
-    """The shipped adapter that `--gist-sizes k` means: `gistctl/adapters/gist_<k>/`."""
-    from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS
+    """The shipped adapter that `--num-gist k` means: `gistctl/adapters/gist_<k>/`."""
+    from gistctl.gist.adapter import GIST_META, SHIPPED_ADAPTERS
 
     path = SHIPPED_ADAPTERS / f"gist_{k}"
     if not (path / GIST_META).is_file():
         raise errors.ModelLoadError(
-            f"no shipped adapter for --gist-sizes {k} ({path} is missing); train one with `gistctl train` and "
-            f"pass --adapter DIR, or use --adapter none --gist-sizes {k} for untrained gist tokens")
+            f"no shipped adapter for --num-gist {k} ({path} is missing); train one with `gistctl train` and "
+            f"pass --adapter DIR, or use --adapter none --num-gist {k} for untrained gist tokens")
     return str(path)
 
 
 def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> MethodSpec:
     """A gist column over a trained adapter, with what identifies its rows: the adapter's fingerprint and the
     chunk length in its gist.json (re-shipping either changes what the column measures)."""
-    from gistctl.gist.lora import adapter_fingerprint, read_gist_meta
+    from gistctl.gist.adapter import adapter_fingerprint, read_adapter_meta
 
     path = path or adapter
-    meta = read_gist_meta(path)
-    return MethodSpec(column, "gist", adapter, chunk_tokens=int(meta["chunk_tokens"]),
-                      adapter_fingerprint=adapter_fingerprint(path), positions=meta["positions"],
-                      chunking=meta["chunking"])
+    meta = read_adapter_meta(path)
+    return MethodSpec(column, "gist", adapter, chunk_tokens=meta.chunk_tokens,
+                      adapter_fingerprint=adapter_fingerprint(path), positions=meta.positions,
+                      chunking=meta.chunking)
 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
@@ -122,7 +123,7 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
     adapter). `positions` ("sequential,compact") and `chunking` ("fixed,even"): likewise once per gist position
     layout and per way of splitting a document into chunks."""
-    from gistctl.gist.lora import NO_ADAPTER, resolve_adapter
+    from gistctl.gist.adapter import NO_ADAPTER, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
     if not kinds:
@@ -137,12 +138,12 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
             if len(adapter_list) > 1:
                 raise ConfigError("--adapter none cannot be mixed with adapter directories; run them separately")
             if not sizes:
-                raise ConfigError("--adapter none needs --gist-sizes K (how many untrained gist tokens to use)")
+                raise ConfigError("--adapter none needs --num-gist K (how many untrained gist tokens to use)")
             specs += [MethodSpec(f"gist[none,K={k}]", "gist", NO_ADAPTER, k, positions=SEQUENTIAL, chunking=FIXED)
                       for k in sizes]
         elif sizes:
             if adapter_list:
-                raise ConfigError("give either --adapter DIRS or --gist-sizes K (shipped adapters gist_K), not both")
+                raise ConfigError("give either --adapter DIRS or --num-gist K (shipped adapters gist_K), not both")
             specs += [_adapter_spec(f"gist[K={k}]", shipped_size_adapter(k)) for k in sizes]
         else:
             paths = {spec: resolve_adapter(spec) for spec in adapter_list or [None]}  # clear error when missing
@@ -207,18 +208,46 @@ def _raise_worker_error(event: dict) -> None:
     raise cls(event.get("message", "the worker failed"))
 
 
+def _die_with_parent() -> None:
+    """In the worker, before it runs (Linux): the kernel kills it when the bench process dies, so a killed bench
+    never leaves a worker writing rows behind it. Elsewhere the worker checks its parent before each row."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def dedupe_predictions(path: str | Path) -> int:
+    """Rewrite predictions.jsonl keeping the first row of each (column, example, what made it); returns how many
+    rows were dropped. Rows of a bench killed mid-write by an older gistctl could repeat an example."""
+    rows = load_predictions(path)
+    seen, kept = set(), []
+    for row in rows:
+        key = (row.get("method"), row.get("id"), row.get("adapter_fingerprint"), row.get("chunk_tokens"),
+               row.get("positions"), row.get("chunking"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    if len(kept) != len(rows):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return len(rows) - len(kept)
+
+
 def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list[str],
                on_row: Callable[[dict], None]) -> None:
     """Run one column's pending examples in a fresh `python -m gistctl.bench.worker` process."""
     job = {"spec": asdict(spec), "settings": asdict(settings), "ids": ids,
            "predictions": str(run.file(PREDICTIONS)), "blob_dir": str(run.file("blobs") / spec.slug),
-           "rag_index_dir": str(run.file("rag-index")), "run_dir": str(run.path)}
+           "rag_index_dir": str(run.file("rag-index")), "run_dir": str(run.path), "parent_pid": os.getpid()}
     job_path = run.write_json(f"workers/{spec.slug}.json", job)
     log_path = run.file(f"workers/{spec.slug}.log")
     user_error = None
     with open(log_path, "a", encoding="utf-8") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gistctl.bench.worker", str(job_path)],
-                                stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
+                                stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ},
+                                preexec_fn=_die_with_parent)
         assert proc.stdout is not None
         for line in proc.stdout:
             if not line.startswith(EVENT_PREFIX):
@@ -244,6 +273,7 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
     notify = on_progress or (lambda _: None)
     ids = [e["id"] for e in examples]
     wanted = set(ids)
+    dedupe_predictions(run.file(PREDICTIONS))
     existing = load_predictions(run.file(PREDICTIONS))
     by_column = {s.column: s for s in specs}
 

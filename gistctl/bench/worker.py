@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from gistctl.bench.metrics import question_type, score
+from gistctl.scoring import question_type, score
 from gistctl.bench.runner import EVENT_PREFIX, MethodSpec
 from gistctl.data.schema import read_jsonl
 from gistctl.errors import GistctlError
 from gistctl.kv.sizes import kv_cache_bytes
-from gistctl.methods.base import peak_memory_bytes
+from gistctl.models import peak_memory_bytes
 from gistctl.runs import utc_now
 
 REFERENCE_KV_BYTES_PER_VALUE = 2  # the full-KV reference of the compression ratio is fp16 (the blobs' default)
@@ -108,7 +108,10 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     if row["context_tokens"] is None:
         row["context_tokens"] = tokens
     row["state_bytes"] = int(method.state_bytes(state))
-    row["full_kv_bytes"] = kv_cache_bytes(loaded.model.config, tokens, REFERENCE_KV_BYTES_PER_VALUE)
+    if spec.kind == "gist":  # like for like: the full KV at the blob's own dtype
+        row["full_kv_bytes"] = state.blob.meta.full_kv_bytes
+    else:
+        row["full_kv_bytes"] = kv_cache_bytes(loaded.model.config, tokens, REFERENCE_KV_BYTES_PER_VALUE)
     row["compression_ratio"] = row["full_kv_bytes"] / row["state_bytes"] if row["state_bytes"] else None
     _reset_peak(device)
     try:
@@ -136,9 +139,12 @@ def run_job(job: dict) -> None:
 
         raise DataError(f"example id {missing[0]!r} is not in {job['settings']['data']}")
     method, loaded = open_method(spec, job)
+    parent = job.get("parent_pid")
     with open(job["predictions"], "a", encoding="utf-8") as out:
         for example_id in job["ids"]:
             row = run_example(method, loaded, spec, records[example_id], job)
+            if parent is not None and os.getppid() != parent:  # the bench is gone: its rerun owns the file now
+                return
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())

@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 
 from gistctl.cli.common import err_console, user_errors
-from gistctl.engine import open_blob_method, open_text_method, read_document, read_questions
+from gistctl.engine import load_for_blob, open_text_method, read_document, read_questions
+from gistctl.kv.blob import read_blob
 from gistctl.errors import DataError
+from gistctl.prompt import check_question
 
 
 @user_errors
@@ -34,9 +36,15 @@ def ask(
     asked = list(questions or []) + (read_questions(questions_file) if questions_file else [])
     if not asked:
         raise DataError("give at least one question (arguments or --questions FILE)")
+    for question in asked:  # before any model loads
+        check_question(question)
     if method == "gist":
-        runner, state = open_blob_method(source, model=model, adapter=adapter, device=device,
-                                         max_new_tokens=max_new_tokens)
+        blob = read_blob(source)  # a missing, foreign or modified file fails before the model loads
+        gc = load_for_blob(blob.meta, model=model, adapter=adapter, device=device)
+        state_bytes = source.stat().st_size
+        for question in asked:
+            _print(gc.ask(blob, question, max_new_tokens=max_new_tokens), question, method, state_bytes, as_json)
+        return
     else:
         rag = {"index_dir": index, "chunk_tokens": chunk_tokens, "overlap": overlap, "top_k": top_k,
                "embedder": embedder}
@@ -48,10 +56,14 @@ def ask(
         for warning in runner.warnings or []:
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         runner.warnings = None
-        if as_json:
-            typer.echo(json.dumps({"question": question, "answer": answer.text, "method": method,
-                                   "ttft_ms": round(answer.ttft_ms, 2),
-                                   "decode_tokens_per_s": round(answer.decode_tokens_per_s, 2),
-                                   "prompt_tokens": answer.prompt_tokens, "state_bytes": runner.state_bytes(state)}))
-        else:
-            typer.echo(answer.text)
+        _print(answer, question, method, runner.state_bytes(state), as_json)
+
+
+def _print(answer, question: str, method: str, state_bytes: int, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"question": question, "answer": answer.text, "method": method,
+                               "ttft_ms": round(answer.ttft_ms, 2),
+                               "decode_tokens_per_s": round(answer.decode_tokens_per_s, 2),
+                               "prompt_tokens": answer.prompt_tokens, "state_bytes": state_bytes}))
+    else:
+        typer.echo(answer.text)

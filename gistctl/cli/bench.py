@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from gistctl.cli.common import console, err_console, user_errors
 from gistctl.errors import ConfigError, DataError
+from gistctl.runs import lock_dir
 
 RESUME_KEYS = ("data", "model", "max_new_tokens")  # settings a resumed run must share with the rows it has
 
@@ -74,9 +76,9 @@ def bench(
     methods: str = typer.Option("gist,rag,full", help="Comma-separated methods: gist, rag, full."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL dataset (see `gistctl data`)."),
     adapter: Optional[str] = typer.Option(None, help="Gist adapter(s), comma-separated: directories or shipped "
-                                          "names, one column each; 'none' = untrained gists (needs --gist-sizes). "
+                                          "names, one column each; 'none' = untrained gists (needs --num-gist). "
                                           "Default: the shipped default adapter."),
-    gist_sizes: Optional[str] = typer.Option(None, "--gist-sizes", help="K values, e.g. 10,25,50: the shipped "
+    gist_sizes: Optional[str] = typer.Option(None, "--num-gist", "--gist-sizes", help="K values (gist tokens per chunk), e.g. 10,25,50: the shipped "
                                              "adapters gist_K (or untrained K gists with --adapter none)."),
     chunk_tokens: Optional[str] = typer.Option(None, "--chunk-tokens", help="Chunk lengths, e.g. 256,512,1024: "
                                                "every gist column once per length (K gists per chunk)."),
@@ -117,36 +119,41 @@ def bench(
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
               "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "chunking": chunking,
               "limit": limit, "seed": seed, "device": device, "protocol": protocol}
-    run = _open_run(run_dir, config, seed)
-    if protocol == "seed":
-        data = _seed_data(run, model, limit or DEFAULT_N, seed)
-        examples = read_jsonl(data)
-    else:
-        examples = select_examples(records, limit, seed)
-    settings = BenchSettings(str(Path(data).resolve()), model, device, max_new_tokens, seed)
-    err_console.print(f"run dir: {run.path}", highlight=False)
+    with contextlib.ExitStack() as stack:  # one bench at a time per run directory
+        if run_dir is not None:
+            stack.enter_context(lock_dir(run_dir))
+        run = _open_run(run_dir, config, seed)
+        if run_dir is None:
+            stack.enter_context(lock_dir(run.path))
+        if protocol == "seed":
+            data = _seed_data(run, model, limit or DEFAULT_N, seed)
+            examples = read_jsonl(data)
+        else:
+            examples = select_examples(records, limit, seed)
+        settings = BenchSettings(str(Path(data).resolve()), model, device, max_new_tokens, seed)
+        err_console.print(f"run dir: {run.path}", highlight=False)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=False) as progress:
-        bars: dict[str, int] = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=False) as progress:
+            bars: dict[str, int] = {}
 
-        def on_progress(p) -> None:
-            if p.column not in bars:
-                bars[p.column] = progress.add_task(escape(p.column), total=p.total)
-            accuracy = "-" if p.accuracy is None else f"{p.accuracy:.0%}"
-            state = " (loading)" if p.event == "loading" else ""
-            errors = f" errors {p.errors}" if p.errors else ""
-            progress.update(bars[p.column], completed=p.done,
-                            description=f"{escape(p.column)} acc {accuracy}{errors}{state}")
+            def on_progress(p) -> None:
+                if p.column not in bars:
+                    bars[p.column] = progress.add_task(escape(p.column), total=p.total)
+                accuracy = "-" if p.accuracy is None else f"{p.accuracy:.0%}"
+                state = " (loading)" if p.event == "loading" else ""
+                errors = f" errors {p.errors}" if p.errors else ""
+                progress.update(bars[p.column], completed=p.done,
+                                description=f"{escape(p.column)} acc {accuracy}{errors}{state}")
 
-        rows = run_bench(run, specs, examples, settings, on_progress)
+            rows = run_bench(run, specs, examples, settings, on_progress)
 
-    info = {"data": str(data), "model": model or "default", "device": rows[0]["device"] if rows else device,
-            "protocol": protocol}
-    metrics = summarize(rows, [s.column for s in specs], info)
-    criteria = None
-    if protocol == "seed":
-        criteria = [c for s in specs if s.kind == "gist" for c in seed_criteria(metrics["methods"], s.column)]
-    write_outputs(run, metrics, criteria)
-    _print_summary(metrics, criteria)
-    console.print(f"wrote predictions.jsonl, metrics.json, report.md and plots to {run.path}", highlight=False)
+        info = {"data": str(data), "model": model or "default", "device": rows[0]["device"] if rows else device,
+                "protocol": protocol}
+        metrics = summarize(rows, [s.column for s in specs], info)
+        criteria = None
+        if protocol == "seed":
+            criteria = [c for s in specs if s.kind == "gist" for c in seed_criteria(metrics["methods"], s.column)]
+        write_outputs(run, metrics, criteria)
+        _print_summary(metrics, criteria)
+        console.print(f"wrote predictions.jsonl, metrics.json, report.md and plots to {run.path}", highlight=False)

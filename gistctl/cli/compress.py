@@ -8,9 +8,8 @@ import typer
 from rich.progress import Progress
 
 from gistctl.cli.common import console, err_console, user_errors
-from gistctl.engine import open_gist_model, read_document
-from gistctl.kv.blob import write_blob
-from gistctl.kv.compress import compress_document
+from gistctl.engine import load, read_document
+from gistctl.kv.blob import check_output_path
 
 
 @user_errors
@@ -18,7 +17,7 @@ def compress(
     document: Path = typer.Argument(..., help="UTF-8 text file to compress."),
     output: Path = typer.Option(None, "-o", "--output", help="Blob path; default: <document name>.kv beside it."),
     adapter: str = typer.Option(None, help="Gist adapter directory; default: the shipped adapter. 'none': untrained gists."),
-    gist: int = typer.Option(None, help="K gist tokens per chunk (only with --adapter none)."),
+    num_gist: int = typer.Option(None, "--num-gist", "--gist", help="K: gist tokens per chunk (only with --adapter none)."),
     chunk_tokens: int = typer.Option(None, help="Longest chunk in tokens (default: the adapter's)."),
     positions: str = typer.Option(None, help="Gist position layout: compact (the kept gists at positions 0..n*K-1, "
                                   "however long the document), sequential, or auto (sequential up to 2 chunks, "
@@ -31,22 +30,24 @@ def compress(
 ) -> None:
     """Read a document once and keep only its gist tokens' KV cache."""
     text = read_document(document)
-    gm = open_gist_model(model, adapter, num_gist=gist, chunk_tokens=chunk_tokens, device=device,
-                         positions=positions, chunking=chunking)
+    output = check_output_path(output or document.with_suffix(".kv"))  # before the work, not after it
+    gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
+              chunking=chunking)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("compressing", total=None)
-        blob, stats = compress_document(gm, text, dtype=dtype,
-                                        on_chunk=lambda done, total: progress.update(task, completed=done, total=total))
-    output = output or document.with_suffix(".kv")
-    size = write_blob(blob, output)
+        blob = gc.compress(text, dtype=dtype,
+                           on_chunk=lambda done, total: progress.update(task, completed=done, total=total))
+    size = blob.save(output)
+    stats = blob.stats
     console.print(f"wrote {output}")
-    chosen = f" ({gm.positions})" if gm.positions != blob.meta.positions else ""  # auto: which one it chose
-    console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gm.num_gist}   "
+    layout = gc.gist_model.positions
+    chosen = f" ({layout})" if layout != blob.meta.positions else ""  # auto: which one it chose
+    console.print(f"document tokens  {stats.document_tokens:,}   chunks {stats.chunks}   K {gc.num_gist}   "
                   f"positions {blob.meta.positions}{chosen}"
                   + (f"   split {blob.meta.chunking}" if stats.chunks > 1 else ""))  # the split matters past one chunk
     console.print(f"blob bytes       {size:,}")
-    console.print(f"full KV bytes    {stats.full_kv_bytes:,}  ({blob.meta.dtype}, "
+    console.print(f"full KV bytes    {blob.meta.full_kv_bytes:,}  ({blob.meta.dtype}, "
                   f"{blob.meta.layers} layers x {blob.meta.kv_heads} KV heads x {stats.document_tokens} tokens x "
                   f"{blob.meta.head_dim})")
-    console.print(f"ratio            {stats.full_kv_bytes / size:.1f}x smaller")
+    console.print(f"ratio            {blob.meta.full_kv_bytes / size:.1f}x smaller (full KV at {blob.meta.dtype} / blob file)")
     console.print(f"compress time    {stats.seconds:.2f} s")

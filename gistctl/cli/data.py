@@ -179,7 +179,7 @@ def qa(source: Path = typer.Option(..., "--from", help="Local LongBench-style JS
 
 @app.command()
 @user_errors
-def mix(recipe_path: Path = typer.Option(Path("configs/data_mix.yaml"), "--recipe", help="Mixture recipe (YAML)."),
+def mix(recipe_path: Path = typer.Option(Path("configs/recipes/data_mix.yaml"), "--recipe", help="Mixture recipe (YAML)."),
         output: Path = typer.Option(..., "-o", "--output", help="Output folder for train.jsonl, eval.jsonl, recipe.yaml."),
         model: Optional[str] = MODEL, haystack_dir: Optional[Path] = typer.Option(
             None, "--haystack-dir", help="Override the recipe's haystack_dir."),

@@ -18,7 +18,7 @@ def demo(
     question: list[str] = typer.Option(None, "--question", "-q", help="Question (repeatable); default: three."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     adapter: str = typer.Option(None, help="Gist adapter; default: the shipped one. 'none': untrained gists."),
-    gist: int = typer.Option(None, help="K untrained gist tokens (only with --adapter none)."),
+    num_gist: int = typer.Option(None, "--num-gist", "--gist", help="K: untrained gist tokens per chunk (only with --adapter none)."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     run_dir: Path = typer.Option(None, help="Run directory; default: runs/demo-<time>-<id>/."),
 ) -> None:
@@ -30,7 +30,7 @@ def demo(
     run = RunDir.create("demo", {"document": str(document), "questions": list(questions), "model": model,
                                  "adapter": adapter}, run_dir=run_dir)
     with console.status("loading models, compressing, answering..."):
-        result = run_demo(document, questions, out_dir=run.path, model=model, adapter=adapter, num_gist=gist,
+        result = run_demo(document, questions, out_dir=run.path, model=model, adapter=adapter, num_gist=num_gist,
                           device=device)
     console.print(f"[bold]Document[/] {document}: {result.document_tokens:,} tokens, {result.chunks} chunk(s), "
                   f"compressed in {result.compress_seconds:.2f} s -> {result.blob_path}")
@@ -44,15 +44,19 @@ def demo(
     console.print("gist answers from the blob alone; full reads the whole document; rag reads its top chunks.",
                   highlight=False)
     costs = Table(title="What each method keeps and how fast it answers")
-    for column in ("method", "kept per document", "bytes", "vs full", "mean TTFT"):
+    vs_full = f"vs full KV at {result.blob_dtype}"
+    for column in ("method", "kept per document", "bytes", vs_full, "mean TTFT"):
         costs.add_column(column, justify="right" if column not in ("method", "kept per document") else "left")
-    kept = {"gist": "gist KV blob on disk (fp16)", "full": "the whole KV cache (model dtype)",
+    kept = {"gist": f"gist KV blob on disk ({result.blob_dtype})", "full": "the whole KV cache (model dtype)",
             "rag": "vector index + chunk text"}
     for name in METHODS:
         size = result.state_bytes[name]
-        costs.add_row(name, kept[name], f"{size:,}", f"{result.state_bytes['full'] / size:.1f}x smaller",
-                      f"{statistics.mean(result.ttft_ms[name]):.0f} ms")
+        ratio = "-" if name == "full" else f"{result.full_kv_bytes / size:.1f}x smaller"
+        costs.add_row(name, kept[name], f"{size:,}", ratio, f"{statistics.mean(result.ttft_ms[name]):.0f} ms")
     console.print(costs)
+    console.print(f"full KV of the document at {result.blob_dtype}: {result.full_kv_bytes:,} bytes (the blob's dtype, "
+                  "as `gistctl compress` compares).", highlight=False)
     run.write_json("demo.json", {"document_tokens": result.document_tokens, "chunks": result.chunks,
                                  "state_bytes": result.state_bytes, "full_kv_bytes": result.full_kv_bytes,
+                                 "full_kv_dtype": result.blob_dtype,
                                  "answers": result.answers, "ttft_ms": result.ttft_ms, "questions": list(questions)})

@@ -11,13 +11,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from gistctl.cli.common import console, err_console, user_errors
 from gistctl.config import load_config
 from gistctl.errors import ConfigError
+from gistctl.models import check_device_request
 from gistctl.runs import RunDir
 
 
 @user_errors
 def train(
     config: Path = typer.Option(None, help="YAML config (configs/gist_25.yaml, configs/default.yaml, ...)."),
-    gist: int = typer.Option(None, help="K gist tokens per chunk."),
+    num_gist: int = typer.Option(None, "--num-gist", "--gist", help="K: gist tokens per chunk."),
     data: Path = typer.Option(None, help="Training JSONL (from `gistctl data`)."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluation JSONL, answered from the compressed KV."),
     max_steps: int = typer.Option(None, help="Optimizer steps in total."),
@@ -48,7 +49,7 @@ def train(
     from gistctl.train.curriculum import train_curriculum
     from gistctl.train.loop import train as run_training
 
-    overrides = {"gist.num_tokens": gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
+    overrides = {"gist.num_gist": num_gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
                  "gist.chunking": chunking, "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps,
                  "train.lr": lr, "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                  "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter,
@@ -61,6 +62,10 @@ def train(
         path = run_dir
     else:
         settings = load_config(config, overrides)
+        # what can be refused now is refused before the run folder exists
+        check_device_request(settings.model.device, settings.model.load_in_4bit)
+        if settings.phases and overfit_check:
+            raise ConfigError("--overfit-check trains one plain run; drop the config's phases")
         path = RunDir.create("train", settings.to_dict(), seed=settings.train.seed, run_dir=run_dir,
                              argv=sys.argv).path
     err_console.print(f"run directory: {path}")

@@ -21,7 +21,7 @@ DEFAULT_MAX_LENGTH = 1024  # as configs/gist_*.yaml train with
 
 @user_errors
 def viz_mask(
-    gist: int = typer.Option(GistSettings.num_tokens, "--gist", "-k", help="K gist tokens after each chunk."),
+    num_gist: int = typer.Option(GistSettings.num_gist, "--num-gist", "--gist", "-k", help="K: gist tokens after each chunk."),
     context: list[str] = typer.Option(None, help="Context length in tokens; several (repeat or '300,200') draw "
                                                  "the multi-chunk layout. Default 40."),
     question: int = typer.Option(None, help="Question tokens. Default 8."),
@@ -41,10 +41,10 @@ def viz_mask(
 ) -> None:
     """Draw the gist attention mask: segments on both axes, attend / blocked / padding in colour.
 
-    Give lengths (--gist 25 --context 40 --question 8 --answer 4) or real examples (--example data.jsonl:3),
+    Give lengths (--num-gist 25 --context 40 --question 8 --answer 4) or real examples (--example data.jsonl:3),
     tokenised by the collator training uses.
     """
-    _check_positive(gist=gist, dpi=dpi, max_length=max_length, chunk_tokens=chunk_tokens)
+    _check_positive(num_gist=num_gist, dpi=dpi, max_length=max_length, chunk_tokens=chunk_tokens)
     if output is not None and output.suffix.lstrip(".").lower() not in FORMATS:
         raise ConfigError(f"--output '{output}': use a .png, .svg or .pdf name")
     if example:
@@ -52,7 +52,7 @@ def viz_mask(
             raise ConfigError("--example takes its lengths from the data; drop --context/--question/--answer")
         if len(example) > MAX_PANELS:
             raise ConfigError(f"--example given {len(example)} times; draw at most {MAX_PANELS} examples at once")
-        layouts, labels = _example_layouts(example, gist, model, max_length or DEFAULT_MAX_LENGTH,
+        layouts, labels = _example_layouts(example, num_gist, model, max_length or DEFAULT_MAX_LENGTH,
                                            chunk_tokens or GistSettings.chunk_tokens)
     else:
         if model is not None or max_length is not None:
@@ -64,10 +64,10 @@ def viz_mask(
         answer = DEFAULT_LENGTHS["answer"] if answer is None else answer
         if question < 0 or answer < 0:
             raise ConfigError("--question and --answer must be >= 0")
-        layouts, labels = [GistLayout(tuple(chunks), gist, question, answer)], None
+        layouts, labels = [GistLayout(tuple(chunks), num_gist, question, answer)], None
 
     if output is None:
-        config = {"gist": gist, "context": context, "question": question, "answer": answer, "example": example,
+        config = {"num_gist": num_gist, "context": context, "question": question, "answer": answer, "example": example,
                   "model": model, "max_length": max_length, "chunk_tokens": chunk_tokens, "dpi": dpi}
         output = RunDir.create("viz-mask", config).file("mask.png")
     path = draw_mask(layouts, output, labels=labels, dpi=dpi)

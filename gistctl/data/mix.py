@@ -1,6 +1,6 @@
 """`mix`: a training mixture from a YAML recipe, with a held-out eval split built from disjoint seeds.
 
-Recipe (see configs/data_mix.yaml):
+Recipe (see configs/recipes/data_mix.yaml):
     train: {n: 2000, seed: 1}        eval: {n: 200, seed: 2}        haystack_dir: null
     components: [{task, weight, tokens, options: {...}}, ...]
 Component c of a split is built with seed `split_seed * 100 + c`, so its example seeds

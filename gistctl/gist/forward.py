@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from gistctl.gist.collate import IGNORE_INDEX, EncodedExample
 from gistctl.gist.mask import mask_for_model, prefix_mask
-from gistctl.kv.positions import COMPACT, SEQUENTIAL, check_layout, layout_for, rope_inv_freq, rotate_keys
+from gistctl.gist.positions import COMPACT, SEQUENTIAL, check_layout, layout_for, rope_inv_freq, rotate_keys
 
 
 def gist_forward(model, batch: dict[str, torch.Tensor], **kwargs):
@@ -46,7 +46,7 @@ def read_chunks(model, chunks: list[list[int]], gist_ids: list[int], layout: str
     """Run [chunk_i][gists] for each chunk with the gists kept so far in the cache; keep only the gists.
 
     Compress runs it under no_grad; training under the compact layout backpropagates through it, so
-    training reads a document exactly as compress does. Positions follow `layout` (gistctl.kv.positions).
+    training reads a document exactly as compress does. Positions follow `layout` (gistctl.gist.positions).
     `grad_chunks`: when given, only those chunks are read with gradients; the others run under no_grad
     (same values, no backward through them: the cost of a long document drops to one chunk's backward).
     """

@@ -6,8 +6,9 @@ import torch
 from transformers import DynamicCache
 
 from gistctl import prompt
+from gistctl.errors import DataError
 from gistctl.generation import Generation, greedy_generate
-from gistctl.gist.lora import GistModel
+from gistctl.gist.model import GistModel
 from gistctl.gist.mask import mask_for_model, prefix_mask
 from gistctl.kv.blob import GistBlob, check_blob_matches
 
@@ -22,15 +23,28 @@ def blob_cache(blob: GistBlob, model) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data, config=model.config)
 
 
+def check_window(config, next_position: int, question_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a question that would run past the model's positions (RoPE beyond the window: garbage)."""
+    window = getattr(config, "max_position_embeddings", None)
+    needed = next_position + question_tokens + max_new_tokens
+    if window and needed > window:
+        raise DataError(f"the gists end at position {next_position}; with the question ({question_tokens} tokens) and "
+                        f"up to {max_new_tokens} answer tokens it needs {needed} positions but the model's window "
+                        f"allows {window}; ask a shorter question")
+
+
 def check_blob_for_model(blob: GistBlob, gm: GistModel, where: str = "blob") -> None:
     check_blob_matches(blob.meta, gm.loaded.fingerprint, gm.adapter_fingerprint, gm.loaded.name, gm.adapter_dir, where)
 
 
 def answer_from_blob(gm: GistModel, blob: GistBlob, question: str, *,
                      max_new_tokens: int = prompt.MAX_NEW_TOKENS) -> Generation:
-    """Greedy answer; the question continues at the position after the gists in the original sequence."""
+    """Greedy answer; the question continues at the position after the gists in the original sequence. The
+    question and the longest answer must fit in the model's window after the gists, as for full context."""
+    ids = prompt.question_ids(gm.tokenizer, question)
+    check_window(gm.model.config, blob.meta.next_position, len(ids), max_new_tokens)
     return greedy_generate(
-        gm.model, gm.tokenizer, prompt.question_ids(gm.tokenizer, question),
+        gm.model, gm.tokenizer, ids,
         cache=blob_cache(blob, gm.model), cache_length=blob.meta.total_gists,
         first_position=blob.meta.next_position, max_new_tokens=max_new_tokens,
         stop_ids=prompt.stop_ids(gm.model, gm.tokenizer), suppress_ids=gm.gist_ids)

@@ -10,29 +10,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from gistctl import __version__
 from gistctl.errors import BlobError
-from gistctl.gist.chunks import FIXED
-from gistctl.kv.positions import SEQUENTIAL
-from gistctl.runs import atomic_path, utc_now
+from gistctl.gist.chunks import CHUNKINGS, FIXED
+from gistctl.gist.positions import LAYOUTS, SEQUENTIAL
+from gistctl.runs import atomic_write_bytes, utc_now
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from gistctl.kv.compress import CompressStats
+
+FORMAT_VERSION = 2  # 2: `checksum` covers the metadata and the tensors; 1 (gistctl < 0.2): the tensors only
 META_KEY = "gistctl"
 BLOB_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
 class BlobMeta:
     model_id: str
     model_fingerprint: str
-    adapter: str | None  # adapter directory it was made with (None: untrained gist tokens)
+    adapter: str | None  # a shipped adapter's name, or the directory of another (None: untrained gist tokens)
     adapter_fingerprint: str
     gist_ids: list[int]
     num_gist: int  # K per chunk
@@ -47,9 +54,9 @@ class BlobMeta:
     layers: int
     kv_heads: int
     head_dim: int
-    positions: str = SEQUENTIAL  # the gist layout (gistctl.kv.positions); blobs before it were sequential
+    positions: str = SEQUENTIAL  # the gist layout (gistctl.gist.positions); blobs before it were sequential
     chunking: str = FIXED  # how the document was split into chunks (gistctl.gist.chunks); blobs before it: fixed
-    tensor_sha256: str = ""
+    checksum: str = ""  # sha256 of the tensors' bytes and of every other metadata field (`blob_checksum`)
     format_version: int = FORMAT_VERSION
     gistctl_version: str = __version__
     created_at: str = field(default_factory=utc_now)
@@ -58,37 +65,83 @@ class BlobMeta:
     def total_gists(self) -> int:
         return self.num_gist * self.num_chunks
 
+    @property
+    def full_kv_bytes(self) -> int:
+        """Bytes of the document's full KV cache at this blob's dtype (like for like with the blob):
+        2 (keys, values) x layers x kv_heads x document tokens x head_dim x bytes per value."""
+        itemsize = BLOB_DTYPES[self.dtype].itemsize
+        return 2 * self.layers * self.kv_heads * self.document_tokens * self.head_dim * itemsize
+
 
 @dataclass
 class GistBlob:
-    """keys, values: (layers, kv_heads, K_total, head_dim)."""
+    """A compressed document: the gists' keys and values, each (layers, kv_heads, K x chunks, head_dim) in
+    `meta.dtype`, and the metadata that says how to ask it (`BlobMeta`). `gistctl.Blob` is this class."""
 
     keys: torch.Tensor
     values: torch.Tensor
     meta: BlobMeta
+    stats: CompressStats | None = field(default=None, compare=False, repr=False)  # set by compress, not stored
 
     def shape(self) -> tuple[int, int, int, int]:
         m = self.meta
         return (m.layers, m.kv_heads, m.total_gists, m.head_dim)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values (the file adds a small header: `save` returns the file's size)."""
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
-def _tensor_digest(keys: torch.Tensor, values: torch.Tensor) -> str:
+    def save(self, path: str | Path) -> int:
+        """Write the blob to `path` atomically (safetensors + metadata); returns the file size in bytes."""
+        return write_blob(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GistBlob":
+        """Read and validate a blob file (format, shapes, checksum)."""
+        return read_blob(path)
+
+
+def blob_checksum(keys: torch.Tensor, values: torch.Tensor, metadata: dict) -> str:
+    """sha256 over the keys' and values' bytes, then the metadata (every field but `checksum`) as sorted JSON."""
     digest = hashlib.sha256()
     for tensor in (keys, values):
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def write_blob(blob: GistBlob, path: str | Path) -> int:
-    """Write atomically; returns the file size in bytes."""
+    """Write atomically; returns the file size in bytes. Write errors are a BlobError (one line)."""
     keys = blob.keys.detach().to("cpu").contiguous()
     values = blob.values.detach().to("cpu").contiguous()
-    blob.meta.tensor_sha256 = _tensor_digest(keys, values)
+    blob.meta.checksum = ""
+    blob.meta.checksum = blob_checksum(keys, values, dataclasses.asdict(blob.meta))
     _check_shapes(blob.meta, keys, values, str(path))
-    with atomic_path(path) as tmp:
-        save_file({"keys": keys, "values": values}, str(tmp),
-                  metadata={META_KEY: json.dumps(dataclasses.asdict(blob.meta), sort_keys=True)})
+    check_output_path(path)
+    data = save({"keys": keys, "values": values},
+                metadata={META_KEY: json.dumps(dataclasses.asdict(blob.meta), sort_keys=True)})
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise BlobError(f"cannot write blob '{path}': {err.strerror or err}") from err
     return Path(path).stat().st_size
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work, an output path that cannot take a file: a directory, or a folder that is
+    missing its parent chain under a file or that this user cannot write to."""
+    path = Path(path)
+    if path.is_dir():
+        raise BlobError(f"output '{path}' is a directory; give a file name such as {path / 'doc.kv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BlobError(f"output '{path}': '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BlobError(f"output '{path}': no permission to write in '{parent}'")
+    return path
 
 
 def _check_shapes(meta: BlobMeta, keys: torch.Tensor, values: torch.Tensor, where: str) -> None:
@@ -97,16 +150,71 @@ def _check_shapes(meta: BlobMeta, keys: torch.Tensor, values: torch.Tensor, wher
         if tuple(tensor.shape) != expected:
             raise BlobError(f"{where}: shape mismatch: {name} is {tuple(tensor.shape)} but the metadata says "
                             f"{expected} (layers, kv_heads, K x chunks, head_dim)")
+        if tensor.dtype != BLOB_DTYPES[meta.dtype]:
+            raise BlobError(f"{where}: {name} are {tensor.dtype} but the metadata says {meta.dtype}")
     if len(meta.gist_positions) != meta.total_gists:
         raise BlobError(f"{where}: shape mismatch: {len(meta.gist_positions)} gist positions for "
                         f"{meta.total_gists} stored gists")
 
 
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _validate(data: dict, where: str) -> None:
+    """Every field's type, and the fields' agreement with each other; one line naming the first bad field."""
+    def bad(field_name: str, why: str):
+        raise BlobError(f"{where}: corrupt metadata: {field_name} {why}")
+
+    for name in ("model_id", "gistctl_version", "created_at"):
+        if not isinstance(data[name], str) or not data[name]:
+            bad(name, "must be a non-empty string")
+    for name in ("model_fingerprint", "document_sha256", "checksum"):
+        if not isinstance(data[name], str) or not _HEX64.match(data[name]):
+            bad(name, "must be a sha256 (64 hex digits)")
+    if data["adapter"] is not None and (not isinstance(data["adapter"], str) or not data["adapter"]):
+        bad("adapter", "must be a name, a directory or null")
+    fingerprint = data["adapter_fingerprint"]
+    if not isinstance(fingerprint, str) or not (fingerprint == "none" or _HEX64.match(fingerprint)):
+        bad("adapter_fingerprint", "must be a sha256 or 'none'")
+    for name in ("num_gist", "num_chunks", "document_tokens", "chunk_tokens", "layers", "kv_heads", "head_dim"):
+        if not _is_int(data[name], 1):
+            bad(name, f"must be a positive integer, got {data[name]!r}")
+    if data["dtype"] not in BLOB_DTYPES:
+        bad("dtype", f"must be one of {', '.join(BLOB_DTYPES)}, got {data['dtype']!r}")
+    if data["positions"] not in LAYOUTS:
+        bad("positions", f"must be one of {', '.join(LAYOUTS)}, got {data['positions']!r}")
+    if data["chunking"] not in CHUNKINGS:
+        bad("chunking", f"must be one of {', '.join(CHUNKINGS)}, got {data['chunking']!r}")
+    if not isinstance(data["rope"], dict):
+        bad("rope", "must be an object")
+    ids = data["gist_ids"]
+    if not isinstance(ids, list) or len(ids) != data["num_gist"] or not all(_is_int(i) for i in ids):
+        bad("gist_ids", f"must be {data['num_gist']} token ids (num_gist)")
+    expected_chunks = max(1, -(-data["document_tokens"] // data["chunk_tokens"]))
+    if data["num_chunks"] != expected_chunks:
+        bad("num_chunks", f"is {data['num_chunks']} but {data['document_tokens']} tokens in chunks of "
+                          f"{data['chunk_tokens']} make {expected_chunks}")
+    positions = data["gist_positions"]
+    total = data["num_gist"] * data["num_chunks"]
+    if not isinstance(positions, list) or len(positions) != total or not all(_is_int(p) for p in positions):
+        bad("gist_positions", f"must be {total} positions (K x chunks)")
+    if not _is_int(data["next_position"], max(positions) + 1):
+        bad("next_position", "must be an integer past every gist position")
+
+
 def read_blob_meta(path: str | Path) -> BlobMeta:
-    """Metadata only (cheap): the header of the safetensors file, validated."""
+    """Metadata only (cheap): the header of the safetensors file, validated field by field."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise BlobError(f"'{path}' is a directory, not a blob")
         raise BlobError(f"blob '{path}' does not exist; make one with `gistctl compress DOC -o {path.name}`")
+    meta, _ = _read_header(path)
+    return meta
+
+
+def _read_header(path: Path) -> tuple[BlobMeta, dict]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(META_KEY)
@@ -119,30 +227,36 @@ def read_blob_meta(path: str | Path) -> BlobMeta:
     except json.JSONDecodeError as err:
         raise BlobError(f"'{path}': corrupt metadata (not valid JSON: {err})") from err
     version = data.get("format_version") if isinstance(data, dict) else None
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise BlobError(f"'{path}': corrupt metadata (no format_version)")
     if version > FORMAT_VERSION:
         raise BlobError(f"'{path}' uses blob format {version}, newer than this gistctl understands "
                         f"({FORMAT_VERSION}); upgrade gistctl")
+    if version < FORMAT_VERSION:
+        raise BlobError(f"'{path}' uses blob format {version} (gistctl < 0.2), whose checksum does not cover its "
+                        f"metadata; compress the document again")
     known = {f.name for f in dataclasses.fields(BlobMeta)}
-    missing = [f.name for f in dataclasses.fields(BlobMeta)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    missing = sorted(known - set(data))
     if missing:
         raise BlobError(f"'{path}': corrupt metadata (missing {', '.join(missing)})")
-    return BlobMeta(**{k: v for k, v in data.items() if k in known})
+    _validate(data, f"'{path}'")
+    return BlobMeta(**{k: v for k, v in data.items() if k in known}), data
 
 
 def read_blob(path: str | Path) -> GistBlob:
-    """Read and validate: readable file, gistctl metadata, known format, shapes, content checksum."""
-    meta = read_blob_meta(path)
+    """Read and validate: readable file, gistctl metadata, known format, every field, shapes, dtype, and the
+    checksum over the tensors and the metadata."""
+    path = Path(path)
+    meta, data = _read_header(path) if path.is_file() else (read_blob_meta(path), None)
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys, values = handle.get_tensor("keys"), handle.get_tensor("values")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise BlobError(f"'{path}' is truncated or corrupt ({err}); compress the document again") from err
     _check_shapes(meta, keys, values, str(path))
-    if meta.tensor_sha256 and _tensor_digest(keys, values) != meta.tensor_sha256:
-        raise BlobError(f"'{path}': content checksum mismatch: the KV data was modified after it was written")
+    if blob_checksum(keys, values, data) != meta.checksum:
+        raise BlobError(f"'{path}': checksum mismatch: the blob was modified after it was written; compress the "
+                        "document again")
     return GistBlob(keys, values, meta)
 
 

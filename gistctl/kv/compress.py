@@ -16,11 +16,13 @@ import torch
 
 from gistctl import prompt
 from gistctl.errors import DataError
+from gistctl.prompt import check_text
+from gistctl.gist.adapter import shipped_adapter_name
 from gistctl.gist.chunks import split_chunks
 from gistctl.gist.forward import read_chunks
-from gistctl.gist.lora import GistModel
+from gistctl.gist.model import GistModel
 from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob
-from gistctl.kv.positions import COMPACT, SEQUENTIAL, layout_for
+from gistctl.gist.positions import COMPACT, SEQUENTIAL, layout_for
 from gistctl.kv.sizes import kv_cache_bytes, kv_geometry
 
 ANSWER_ROOM = 256  # positions kept free after the gists for the question and its answer
@@ -32,6 +34,14 @@ class CompressStats:
     chunks: int
     seconds: float
     full_kv_bytes: int  # the document's full KV cache at the blob's dtype
+
+
+def adapter_record(adapter_dir: str | None) -> str | None:
+    """What a blob records of its adapter: a shipped adapter by name (so the blob outlives a moved install),
+    any other by its directory."""
+    if adapter_dir is None:
+        return None
+    return shipped_adapter_name(adapter_dir) or str(adapter_dir)
 
 
 def rope_settings(config) -> dict:
@@ -54,7 +64,7 @@ def compress_ids(gm: GistModel, ids: list[int], *, on_chunk: Callable[[int, int]
     """Run [chunk_i][gists] chunk by chunk. Returns (keys, values, gist_positions, next_position, chunks).
 
     keys/values: (layers, kv_heads, K x chunks, head_dim) in the model's dtype. Positions follow the
-    document's layout (`document_layout`, see gistctl.kv.positions).
+    document's layout (`document_layout`, see gistctl.gist.positions).
     """
     chunks = split_chunks(ids, gm.chunk_tokens, gm.chunking)
     read = read_chunks(gm.model, chunks, gm.gist_ids, document_layout(gm, len(ids)), on_chunk=on_chunk)
@@ -76,8 +86,7 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
     """Compress `text` into a blob held in memory (write it with `write_blob`)."""
     if dtype not in BLOB_DTYPES:
         raise DataError(f"blob dtype must be one of {', '.join(BLOB_DTYPES)}, got '{dtype}'")
-    if not text.strip():
-        raise DataError("the document is empty")
+    check_text(text)
     start = time.perf_counter()
     config = gm.model.config
     ids = prompt.context_ids(gm.tokenizer, text)
@@ -91,7 +100,7 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
     layers, kv_heads, head_dim = kv_geometry(config)
     torch_dtype = BLOB_DTYPES[dtype]
     meta = BlobMeta(
-        model_id=gm.loaded.name, model_fingerprint=gm.loaded.fingerprint, adapter=gm.adapter_dir,
+        model_id=gm.loaded.name, model_fingerprint=gm.loaded.fingerprint, adapter=adapter_record(gm.adapter_dir),
         adapter_fingerprint=gm.adapter_fingerprint, gist_ids=list(gm.gist_ids), num_gist=gm.num_gist,
         num_chunks=chunks, gist_positions=positions, next_position=next_position, rope=rope_settings(config),
         document_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), document_tokens=len(ids),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import resource
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -57,11 +55,3 @@ def get_method(name: str, **kwargs) -> Method:
 
         raise ConfigError(f"unknown method '{name}'; choose from {', '.join(sorted(_MODULES))}")
     return REGISTRY[name](**kwargs)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated since the last reset, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -8,8 +8,8 @@ from gistctl import prompt
 from gistctl.errors import DataError
 from gistctl.generation import greedy_generate
 from gistctl.kv.sizes import kv_cache_bytes
-from gistctl.methods.base import Answer, peak_memory_bytes, register
-from gistctl.models import LoadedModel
+from gistctl.methods.base import Answer, register
+from gistctl.models import LoadedModel, peak_memory_bytes
 
 
 @dataclass

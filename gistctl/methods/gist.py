@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gistctl import prompt
-from gistctl.gist.lora import GistModel
-from gistctl.kv.answer import answer_from_blob
-from gistctl.kv.blob import GistBlob, read_blob, write_blob
-from gistctl.kv.compress import compress_document
-from gistctl.methods.base import Answer, peak_memory_bytes, register
+from gistctl.gist.model import GistModel
+from gistctl.kv.blob import GistBlob, read_blob
+from gistctl.methods.base import Answer, register
 
 
 @dataclass
@@ -24,7 +22,7 @@ class GistState:
 @register("gist")
 @dataclass
 class Gist:
-    """Reads the document once; keeps K gist positions' KV per chunk."""
+    """Reads the document once; keeps K gist positions' KV per chunk (through `gistctl.engine.Gistctl`)."""
 
     gist_model: GistModel
     blob_dir: str | None = None  # where blobs are written (a temp dir when None)
@@ -34,18 +32,21 @@ class Gist:
     warnings: list[str] | None = None
     _count: int = field(default=0, repr=False)
 
+    def __post_init__(self):
+        from gistctl.engine import Gistctl
+
+        self.api = Gistctl(self.gist_model)
+
     def prepare(self, document: str) -> GistState:
-        blob, _ = compress_document(self.gist_model, document, dtype=self.dtype)
+        blob = self.api.compress(document, dtype=self.dtype)
         directory = Path(self.blob_dir or tempfile.mkdtemp(prefix="gistctl-blobs-"))
         self._count += 1
         path = directory / f"{blob.meta.document_sha256[:16]}-{self._count}.kv"
-        size = write_blob(blob, path)
+        size = blob.save(path)
         return GistState(read_blob(path), path, size)  # answer from what is on disk, exactly
 
     def answer(self, state: GistState, question: str) -> Answer:
-        gen = answer_from_blob(self.gist_model, state.blob, question, max_new_tokens=self.max_new_tokens)
-        return Answer(gen.text, gen.ttft_s * 1000, gen.decode_tokens_per_s, gen.prompt_tokens,
-                      peak_memory_bytes(self.gist_model.loaded.device))
+        return self.api.ask(state.blob, question, max_new_tokens=self.max_new_tokens)
 
     def state_bytes(self, state: GistState) -> int:
         """The blob file's size on disk."""

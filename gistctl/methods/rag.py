@@ -23,8 +23,8 @@ from pathlib import Path
 from gistctl import prompt
 from gistctl.errors import ConfigError, DataError
 from gistctl.generation import greedy_generate
-from gistctl.methods.base import Answer, peak_memory_bytes, register
-from gistctl.models import LoadedModel, load_embedder
+from gistctl.methods.base import Answer, register
+from gistctl.models import LoadedModel, load_embedder, peak_memory_bytes
 
 TABLE_FORMAT = 1  # bump when the table's columns change: old tables are then not reused
 

@@ -2,7 +2,8 @@
 
 Each holds the adapter directory files (PEFT adapter, tokenizer with gist tokens, gist.json), the
 resolved `config.yaml`, `meta.json` (step, seed, data fingerprints, metrics so far) and, for resumable
-step checkpoints, `training_state.pt` (optimizer, scheduler, RNG states). A checkpoint is written in a
+step checkpoints, the training state (optimizer, scheduler, RNG states) as `training_state.safetensors` +
+`training_state.json`, never a pickle (`gistctl.train.state`). A checkpoint is written in a
 hidden temp directory and renamed into place, so one that exists under its final name is complete.
 """
 
@@ -16,15 +17,16 @@ from typing import Any
 
 import torch
 
-from gistctl.gist.lora import save_adapter
+from gistctl.gist.adapter import save_adapter
 from gistctl.gist.chunks import FIXED
-from gistctl.kv.positions import SEQUENTIAL
+from gistctl.gist.positions import SEQUENTIAL
 from gistctl.runs import atomic_write_json, atomic_write_yaml, replace_dir
+from gistctl.train.state import LEGACY_STATE, STATE_JSON, has_training_state, save_training_state
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "gist.json", "config.yaml", "meta.json",
                     "tokenizer.json", "tokenizer_config.json")
-STATE_FILE = "training_state.pt"
+STATE_FILE = STATE_JSON  # what marks a step checkpoint as resumable (beside STATE_TENSORS)
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,13 +58,15 @@ def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int],
     atomic_write_yaml(tmp / "config.yaml", config)
     atomic_write_json(tmp / "meta.json", meta)
     if training_state is not None:
-        torch.save(training_state, tmp / STATE_FILE)
+        save_training_state(tmp, training_state)
     return replace_dir(tmp, directory)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The highest complete `step-NNNNNN/` in `run_dir` (temp directories are never matched)."""
-    steps = [p for p in Path(run_dir).iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    # a pickled legacy state still counts, so that resuming refuses it in one line instead of starting over
+    steps = [p for p in Path(run_dir).iterdir()
+             if STEP_DIR.match(p.name) and (has_training_state(p) or (p / LEGACY_STATE).is_file())]
     return max(steps, key=lambda p: p.name) if steps else None
 
 

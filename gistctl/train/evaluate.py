@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import torch
 
-from gistctl.bench.metrics import score
-from gistctl.gist.lora import GistModel
+from gistctl.scoring import score
+from gistctl.gist.model import GistModel
 from gistctl.kv.answer import answer_from_blob
 from gistctl.kv.compress import compress_document
 

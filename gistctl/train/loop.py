@@ -33,13 +33,13 @@ from gistctl.data.schema import COPIED_TASKS
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
 from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
-from gistctl.gist.lora import GIST_ROWS_KEY, GistModel, wrap_with_lora
+from gistctl.gist.model import GistModel
+from gistctl.train.lora import GIST_ROWS_KEY, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
-from gistctl.kv.positions import CHUNKED_LAYOUTS
-from gistctl.methods.base import peak_memory_bytes
-from gistctl.models import bf16_is_native, load_model
-from gistctl.train.checkpoint import (latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint,
-                                      set_rng_state, STATE_FILE)
+from gistctl.gist.positions import CHUNKED_LAYOUTS
+from gistctl.models import bf16_is_native, load_model, peak_memory_bytes
+from gistctl.train.checkpoint import latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint, set_rng_state
+from gistctl.train.state import load_training_state
 from gistctl.train.evaluate import evaluate_from_blobs
 
 KEEP_STEP_CHECKPOINTS = 2
@@ -129,7 +129,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     loaded = load_model(config.model.name, device=str(accelerator.device), dtype=config.model.dtype or "fp32",
                         load_in_4bit=config.model.load_in_4bit,
                         attn_implementation=config.model.attn_implementation)
-    gist_ids = add_gist_tokens(loaded.model, loaded.tokenizer, config.gist.num_tokens)
+    gist_ids = add_gist_tokens(loaded.model, loaded.tokenizer, config.gist.num_gist)
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -312,15 +312,15 @@ def _load_adapter_weights(peft_model, adapter_dir: str | Path, num_gist: int) ->
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from gistctl.gist.lora import read_gist_meta
+    from gistctl.gist.adapter import read_adapter_meta
 
-    meta = read_gist_meta(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)
     state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    if meta["num_gist"] != num_gist:
-        if num_gist % meta["num_gist"]:
-            raise ConfigError(f"train.init_adapter '{adapter_dir}' has K={meta['num_gist']} gists, this run "
+    if meta.num_gist != num_gist:
+        if num_gist % meta.num_gist:
+            raise ConfigError(f"train.init_adapter '{adapter_dir}' has K={meta.num_gist} gists, this run "
                               f"K={num_gist}: K must equal it or be a multiple of it")
-        repeat = num_gist // meta["num_gist"]
+        repeat = num_gist // meta.num_gist
         state = {key: value.repeat_interleave(repeat, dim=0) if key.endswith(GIST_ROWS_KEY) else value
                  for key, value in state.items()}
     result = set_peft_model_state_dict(peft_model, state)
@@ -338,7 +338,7 @@ def _restore(checkpoint: Path, raw_model, optimizer, scheduler, data_meta: dict)
         raise ConfigError(f"--resume: the training data changed since {checkpoint.name} "
                           f"({meta['data']['train']['path']}); resume with the same --data")
     set_peft_model_state_dict(raw_model, load_file(str(checkpoint / "adapter_model.safetensors")))
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    state = load_training_state(checkpoint)  # safetensors + JSON: nothing is unpickled
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

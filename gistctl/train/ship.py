@@ -1,8 +1,8 @@
 """Ship a trained checkpoint as a named adapter inside the package (`gistctl/adapters/<name>/`).
 
-    python -m gistctl.train.ship runs/default/final default [--note "..."]
-    python -m gistctl.train.ship gistctl/adapters/default default --positions auto   # re-ship, re-tuned
-    python -m gistctl.train.ship runs/more/final default --after gistctl/adapters/default   # a continuation
+    gistctl adapter ship runs/default/final default [--note "..."]
+    gistctl adapter ship gistctl/adapters/default default --positions auto   # re-ship, re-tuned
+    gistctl adapter ship runs/more/final default --after gistctl/adapters/default   # a continuation
 
 Copies the adapter files (not the optimizer state) into a temp directory, writes `meta.json` (recipe =
 the run's resolved config, data fingerprints, step, every evaluation, adapter fingerprint), then swaps it
@@ -12,7 +12,6 @@ then records one curriculum from scratch, the shipped adapter's phases followed 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -21,12 +20,12 @@ from pathlib import Path
 import yaml
 
 from gistctl.config import PHASE_FIXED_KEYS, PHASE_GIST_KEYS, GistSettings, LoraSettings, ModelSettings, \
-    TrainSettings, config_from_dict
-from gistctl.errors import ConfigError, GistctlError
-from gistctl.gist.lora import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_gist_meta
-from gistctl.gist.chunks import CHUNKINGS, check_chunking
-from gistctl.kv.positions import CHOICES, check_layout
-from gistctl.runs import atomic_write_json, replace_dir
+    TrainSettings, config_from_dict, renamed
+from gistctl.errors import ConfigError
+from gistctl.gist.adapter import GIST_META, SHIPPED_ADAPTERS, adapter_fingerprint, read_adapter_meta, write_adapter_meta
+from gistctl.gist.chunks import check_chunking
+from gistctl.gist.positions import check_layout
+from gistctl.runs import replace_dir
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.yaml", "tokenizer.json",
          "tokenizer_config.json", "chat_template.jinja")
@@ -34,7 +33,8 @@ FILES = ("adapter_config.json", "adapter_model.safetensors", GIST_META, "config.
 
 def _settings(cls, values: dict) -> dict:
     """A saved config section with the defaults of keys added since it was saved."""
-    return {**dataclasses.asdict(cls()), **values}
+    section = {GistSettings: "gist", TrainSettings: "train", ModelSettings: "model", LoraSettings: "lora"}[cls]
+    return {**dataclasses.asdict(cls()), **renamed(section, values)}
 
 
 def continuation(prior_meta: dict, source_meta: dict, source_recipe: dict) -> dict:
@@ -51,7 +51,7 @@ def continuation(prior_meta: dict, source_meta: dict, source_recipe: dict) -> di
             raise ConfigError(f"--after: the run's {section} settings differ from the adapter it continues")
     base_gist, base_train = _settings(GistSettings, prior_recipe["gist"]), _settings(TrainSettings, prior_recipe["train"])
     source_gist, source_train = _settings(GistSettings, source_recipe["gist"]), _settings(TrainSettings, source_recipe["train"])
-    if source_gist["num_tokens"] != base_gist["num_tokens"]:
+    if source_gist["num_gist"] != base_gist["num_gist"]:
         raise ConfigError("--after: the run has another number of gist tokens than the adapter it continues")
     phases = []
     for phase in source_recipe["phases"]:
@@ -120,35 +120,16 @@ def ship_adapter(checkpoint: str | Path, name: str, *, note: str | None = None, 
     shipped = {key: value for key, value in (("chunk_tokens", chunk_tokens), ("positions", positions),
                                              ("chunking", chunking)) if value is not None}
     if shipped:
-        gist = read_gist_meta(tmp)
-        trained = {key: gist[key] for key in ("chunk_tokens", "positions", "chunking")}
+        gist = read_adapter_meta(tmp)
+        trained = {key: getattr(gist, key) for key in ("chunk_tokens", "positions", "chunking")}
         for key, value in shipped.items():
             earlier = meta.get(key)  # a re-ship keeps the trained value recorded the first time
             meta[key] = {"trained": earlier["trained"] if isinstance(earlier, dict) else trained[key], "shipped": value}
-        atomic_write_json(tmp / GIST_META, {**gist, **shipped})
+        for key, value in shipped.items():
+            setattr(gist, key, value)
+        write_adapter_meta(tmp, gist)
     if note:
         meta["note"] = f"{meta['note']} {note}" if meta.get("note") else note
+    meta["adapter_fingerprint"] = adapter_fingerprint(tmp)  # of the files shipped (gist.json included)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return replace_dir(tmp, target)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Ship a checkpoint as gistctl/adapters/<name>/.")
-    parser.add_argument("checkpoint")
-    parser.add_argument("name")
-    parser.add_argument("--note")
-    parser.add_argument("--chunk-tokens", type=int, help="chunk length compress uses (default: the trained one)")
-    parser.add_argument("--positions", choices=CHOICES, help="gist position layout (default: the trained one; auto: per document)")
-    parser.add_argument("--chunking", choices=CHUNKINGS, help="chunk split: fixed or even (default: the trained one)")
-    parser.add_argument("--after", help="the shipped adapter the run started from (train.init_adapter): meta.json "
-                                        "records its phases, then the run's")
-    args = parser.parse_args()
-    try:
-        print(ship_adapter(args.checkpoint, args.name, note=args.note, chunk_tokens=args.chunk_tokens,
-                           positions=args.positions, chunking=args.chunking, after=args.after))
-    except (GistctlError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
-
-
-if __name__ == "__main__":
-    main()
