@@ -22,7 +22,7 @@ from gistctl.gist.adapter import read_adapter_meta, resolve_adapter
 from gistctl.gist.chunks import check_chunking
 from gistctl.gist.model import GistModel, load_gist_model
 from gistctl.gist.positions import check_layout
-from gistctl.kv.answer import answer_from_blob, check_blob_for_model
+from gistctl.kv.answer import answer_from_blobs, check_blob_for_model
 from gistctl.kv.blob import BlobMeta, GistBlob, read_blob, read_blob_meta
 from gistctl.kv.compress import compress_document
 from gistctl.methods.base import Answer
@@ -55,26 +55,33 @@ class Gistctl:
         blob.stats = stats
         return blob
 
-    def ask(self, blob: Blob | str | Path, question: str | Sequence[str], *,
+    def ask(self, blob: Blob | str | Path | Sequence[Blob | str | Path], question: str | Sequence[str], *,
             max_new_tokens: int = prompt.MAX_NEW_TOKENS) -> Answer | list[Answer]:
-        """Answer from the blob alone (greedy). `blob`: a Blob or the path of a blob file (read and validated).
+        """Answer from the blob alone (greedy). `blob`: a Blob or the path of a blob file (read and validated), or
+        a list of them: the question then reads every document's gists side by side (`answer_from_blobs`).
         One question -> one `Answer` (`.text`, `.ttft_ms` in milliseconds, ...); a list -> a list."""
-        if not isinstance(blob, GistBlob):
-            where = f"blob '{blob}'"
-            blob = read_blob(blob)
-        else:
-            where = "blob"
-        check_blob_for_model(blob, self.gist_model, where=where)
+        given = list(blob) if isinstance(blob, (list, tuple)) else [blob]
+        blobs = []
+        for item in given:
+            if isinstance(item, GistBlob):
+                check_blob_for_model(item, self.gist_model, where="blob")
+                blobs.append(item)
+            else:
+                read = read_blob(item)
+                check_blob_for_model(read, self.gist_model, where=f"blob '{item}'")
+                blobs.append(read)
+        if not blobs:
+            raise DataError("give at least one blob")
         questions = [question] if isinstance(question, str) else list(question)
         if not questions:
             raise DataError("give at least one question")
         for q in questions:  # all refused before any is answered
             prompt.check_question(q)
-        answers = [self._answer(blob, q, max_new_tokens) for q in questions]
+        answers = [self._answer(blobs, q, max_new_tokens) for q in questions]
         return answers[0] if isinstance(question, str) else answers
 
-    def _answer(self, blob: Blob, question: str, max_new_tokens: int) -> Answer:
-        gen = answer_from_blob(self.gist_model, blob, question, max_new_tokens=max_new_tokens)
+    def _answer(self, blobs: list[Blob], question: str, max_new_tokens: int) -> Answer:
+        gen = answer_from_blobs(self.gist_model, blobs, question, max_new_tokens=max_new_tokens)
         return Answer(gen.text, gen.ttft_s * 1000, gen.decode_tokens_per_s, gen.prompt_tokens,
                       peak_memory_bytes(self.gist_model.loaded.device))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -39,10 +40,12 @@ def greedy_generate(
     max_new_tokens: int = 32,
     stop_ids: set[int] = frozenset(),
     suppress_ids: list[int] = (),
+    on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Decode greedily from `prompt_ids`, attending to all `cache_length` cached entries.
 
     `first_position` is the RoPE position of the first prompt token. The cache is mutated (extended).
+    `on_text(piece)` is called with each newly decoded piece of the answer's text as it is chosen (streaming).
     """
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -53,6 +56,7 @@ def greedy_generate(
     first_logits = None
     ttft = 0.0
     seen = cache_length
+    streamed = 0
     for step in range(max_new_tokens):
         out = model(input_ids=ids, position_ids=positions, attention_mask=mask_for_model(attend, model),
                     cache=cache, use_cache=True, logits_to_keep=1)
@@ -68,6 +72,11 @@ def greedy_generate(
         if token in stop_ids:
             break
         out_ids.append(token)
+        if on_text is not None:
+            text_so_far = tokenizer.decode(out_ids, skip_special_tokens=True)
+            if len(text_so_far) > streamed and not text_so_far.endswith("\ufffd"):  # whole characters only
+                on_text(text_so_far[streamed:])
+                streamed = len(text_so_far)
         seen += ids.shape[1]
         next_position = int(positions[0, -1]) + 1
         ids = torch.tensor([[token]], device=device)

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 from typer.testing import CliRunner
 
 from gistctl import __version__
@@ -9,8 +12,16 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "train", "compress", "ask", "bench", "viz-mask"):
+    for command in ("data", "train", "compress", "ask", "bench", "viz-mask", "demo", "serve", "analyze", "adapter"):
         assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["data", "train", "compress", "ask", "bench", "viz-mask", "demo", "serve",
+                                     "analyze misses", "analyze lists", "analyze itemized", "adapter ship"])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
 
 
 def test_version():

@@ -9,7 +9,9 @@ from rich.progress import Progress
 
 from gistctl.cli.common import console, err_console, user_errors
 from gistctl.engine import load, read_document
+from gistctl.errors import DataError
 from gistctl.kv.blob import check_output_path
+from gistctl.store import BlobStore
 
 
 @user_errors
@@ -27,9 +29,23 @@ def compress(
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16 or fp32."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
+    store: str = typer.Option(None, help="Put the blob in this blob store (a directory, or 'default' for the one "
+                              "`gistctl serve` uses) under its document id instead of -o; a document already there "
+                              "is not compressed again."),
 ) -> None:
     """Read a document once and keep only its gist tokens' KV cache."""
     text = read_document(document)
+    if store is not None:
+        if output is not None:
+            raise DataError("give -o or --store, not both")
+        blobs = BlobStore(None if store == "default" else store)
+        gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
+                  chunking=chunking)
+        entry, compressed = blobs.compress(gc, text, name=document.name, dtype=dtype)
+        console.print(f"{'stored' if compressed else 'already stored'} {entry.id}  ({blobs.blob_path(entry.id)})")
+        console.print(f"document tokens  {entry.tokens:,}   chunks {entry.chunks}   blob bytes {entry.blob_bytes:,}   "
+                      f"ratio {entry.ratio:.1f}x smaller (full KV at {entry.dtype} / blob file)")
+        return
     output = check_output_path(output or document.with_suffix(".kv"))  # before the work, not after it
     gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
               chunking=chunking)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from gistctl import __version__
-from gistctl.cli import adapter, analyze, ask, bench, compress, data, demo, train, viz_mask
+from gistctl.cli import adapter, analyze, ask, bench, compress, data, demo, serve, train, viz_mask
 
 app = typer.Typer(name="gistctl", help="Learned context compression with gist tokens.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -30,5 +30,6 @@ app.command("ask")(ask.ask)
 app.command("bench")(bench.bench)
 app.command("viz-mask")(viz_mask.viz_mask)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(adapter.app, name="adapter")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 
@@ -10,17 +12,39 @@ from gistctl.errors import DataError
 from gistctl.generation import Generation, greedy_generate
 from gistctl.gist.model import GistModel
 from gistctl.gist.mask import mask_for_model, prefix_mask
+from gistctl.gist.positions import rope_inv_freq, rotate_keys
 from gistctl.kv.blob import GistBlob, check_blob_matches
 
 
 def blob_cache(blob: GistBlob, model) -> DynamicCache:
     """A fresh cache holding the blob's gists (decoding extends a cache in place, so never reuse one)."""
+    return blobs_cache([blob], model)[0]
+
+
+def blobs_cache(blobs: list[GistBlob], model) -> tuple[DynamicCache, int, int]:
+    """(cache, entries, first question position) for the gists of several blobs read side by side.
+
+    Each blob's keys are re-rotated so that its gists sit where they sat before its own question: a blob whose
+    question would start at `next_position` n is moved by P - n, P being the latest such position, and the
+    question starts at P. Every document is then seen at the distances it is seen alone (one blob: unchanged,
+    no rotation). keys/values are concatenated along the gist axis: (1, kv_heads, sum of K_total, head_dim)."""
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    keys = blob.keys.to(param.device, dtype)
-    values = blob.values.to(param.device, dtype)
-    data = [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])]  # (1, kv_heads, K_total, head_dim)
-    return DynamicCache(ddp_cache_data=data, config=model.config)
+    first = max(b.meta.next_position for b in blobs)
+    keys, values = [], []
+    inv_freq = None
+    for blob in blobs:
+        k = blob.keys.to(param.device, dtype)
+        shift = first - blob.meta.next_position
+        if shift:
+            if inv_freq is None:
+                inv_freq = rope_inv_freq(model)
+            k = rotate_keys(k.double(), shift, inv_freq).to(dtype)
+        keys.append(k)
+        values.append(blob.values.to(param.device, dtype))
+    keys_all, values_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    data = [(keys_all[i : i + 1], values_all[i : i + 1]) for i in range(keys_all.shape[0])]
+    return DynamicCache(ddp_cache_data=data, config=model.config), keys_all.shape[2], first
 
 
 def check_window(config, next_position: int, question_tokens: int, max_new_tokens: int) -> None:
@@ -37,17 +61,32 @@ def check_blob_for_model(blob: GistBlob, gm: GistModel, where: str = "blob") -> 
     check_blob_matches(blob.meta, gm.loaded.fingerprint, gm.adapter_fingerprint, gm.loaded.name, gm.adapter_dir, where)
 
 
+def check_blobs_for_model(blobs: list[GistBlob], gm: GistModel) -> None:
+    if not blobs:
+        raise DataError("give at least one blob")
+    for i, blob in enumerate(blobs):
+        check_blob_for_model(blob, gm, where=f"blob {i + 1} of {len(blobs)}")
+
+
+def answer_from_blobs(gm: GistModel, blobs: list[GistBlob], question: str, *,
+                      max_new_tokens: int = prompt.MAX_NEW_TOKENS,
+                      on_text: Callable[[str], None] | None = None) -> Generation:
+    """Greedy answer from the gists of several documents side by side (`blobs_cache`); one blob answers exactly
+    as `answer_from_blob`. `on_text` receives the answer as it is decoded."""
+    ids = prompt.question_ids(gm.tokenizer, question)
+    cache, entries, first = blobs_cache(blobs, gm.model)
+    check_window(gm.model.config, first, len(ids), max_new_tokens)
+    return greedy_generate(gm.model, gm.tokenizer, ids, cache=cache, cache_length=entries, first_position=first,
+                           max_new_tokens=max_new_tokens, stop_ids=prompt.stop_ids(gm.model, gm.tokenizer),
+                           suppress_ids=gm.gist_ids, on_text=on_text)
+
+
+
 def answer_from_blob(gm: GistModel, blob: GistBlob, question: str, *,
                      max_new_tokens: int = prompt.MAX_NEW_TOKENS) -> Generation:
     """Greedy answer; the question continues at the position after the gists in the original sequence. The
     question and the longest answer must fit in the model's window after the gists, as for full context."""
-    ids = prompt.question_ids(gm.tokenizer, question)
-    check_window(gm.model.config, blob.meta.next_position, len(ids), max_new_tokens)
-    return greedy_generate(
-        gm.model, gm.tokenizer, ids,
-        cache=blob_cache(blob, gm.model), cache_length=blob.meta.total_gists,
-        first_position=blob.meta.next_position, max_new_tokens=max_new_tokens,
-        stop_ids=prompt.stop_ids(gm.model, gm.tokenizer), suppress_ids=gm.gist_ids)
+    return answer_from_blobs(gm, [blob], question, max_new_tokens=max_new_tokens)
 
 
 @torch.no_grad()
