@@ -12,7 +12,7 @@ from gistctl.bench.report import PLOTS, render_markdown, summarize, write_plots
 from gistctl.bench.runner import parse_methods
 from gistctl.cli.main import app
 from gistctl.data.schema import write_jsonl
-from gistctl.errors import DataError
+from gistctl.errors import ConfigError, DataError
 from gistctl.kv.blob import read_blob_meta
 from gistctl.kv.sizes import kv_cache_bytes
 from gistctl.runs import RunDir
@@ -265,6 +265,11 @@ def test_method_columns():
     assert [(s.column, s.chunking) for s in splits] == \
         [("gist[none,K=2,split=fixed]", "fixed"), ("gist[none,K=2,split=even]", "even"), ("rag", None)]
     assert parse_methods("gist", "none", "2")[0].chunking == "fixed"
+    dtypes = parse_methods("gist,rag", "none", "2", None, None, None, "fp16,int8")
+    assert [(s.column, s.dtype) for s in dtypes] == [("gist[none,K=2,fp16]", "fp16"), ("gist[none,K=2,int8]", "int8"),
+                                                     ("rag", "fp16")]
+    with pytest.raises(ConfigError, match="unknown blob dtype"):
+        parse_methods("gist", "none", "2", None, None, None, "int4")
     with pytest.raises(DataError, match="unknown chunking 'halves'"):
         parse_methods("gist", "none", "2", None, None, "halves")
 
@@ -440,3 +445,23 @@ def test_list_recall_split_by_how_often_the_document_mentions_each_value(tmp_pat
     assert result.exit_code == 0 and "gist\t1\t1\t2\t1\t0/1\t0/1\t1/1" in result.output
     result = runner.invoke(app, ["analyze", "lists", str(tmp_path)])  # not a bench run: one line, exit 2
     assert result.exit_code == 2 and "not a bench run directory" in result.output
+
+
+def test_dtype_columns_store_int8_blobs(tiny_model_dir, tmp_path):
+    """--dtypes fp16,int8: one gist column per blob dtype, each blob in its dtype (sizes: test_kv, int8)."""
+    data = write_data(tmp_path / "set.jsonl", 2)
+    result = runner.invoke(app, bench_args(tiny_model_dir, data, tmp_path / "run", "--dtypes", "fp16,int8"))
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "run")
+    by_column = {}
+    for row in rows:
+        by_column.setdefault(row["method"], []).append(row)
+    half, int8 = by_column["gist[none,K=2,fp16]"], by_column["gist[none,K=2,int8]"]
+    assert {r["dtype"] for r in int8} == {"int8"} and {r["dtype"] for r in half} == {"fp16"}
+    from gistctl.kv.blob import read_blob
+
+    assert read_blob(tmp_path / "run" / int8[0]["blob"]).keys.dtype.is_floating_point is False
+    for a, b in zip(sorted(half, key=lambda r: r["id"]), sorted(int8, key=lambda r: r["id"])):
+        # like for like: each blob is compared with the full KV at its own dtype
+        assert b["full_kv_bytes"] * 2 == a["full_kv_bytes"]
+        assert b["compression_ratio"] == pytest.approx(b["full_kv_bytes"] / b["state_bytes"])

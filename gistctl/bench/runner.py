@@ -49,6 +49,7 @@ class MethodSpec:
     adapter_fingerprint: str | None = None  # gist: rows made with another adapter or chunk length are stale
     positions: str | None = None  # gist: position layout (an adapter's own by default)
     chunking: str | None = None  # gist: how documents are split into chunks (an adapter's own by default)
+    dtype: str = "fp16"  # gist: the blob dtype (fp16, bf16, fp32 or int8)
 
     @property
     def slug(self) -> str:
@@ -117,7 +118,7 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
                   chunk_tokens: str | None = None, positions: str | None = None,
-                  chunking: str | None = None) -> list[MethodSpec]:
+                  chunking: str | None = None, dtypes: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
@@ -162,6 +163,14 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
     splits = list(dict.fromkeys(check_chunking(c) for c in _split(chunking)))
     if splits:
         specs = [replace(s, column=f"{s.column[:-1]},split={c}]", chunking=c) for s in specs for c in splits]
+    from gistctl.kv.blob import BLOB_DTYPES
+
+    blob_dtypes = list(dict.fromkeys(_split(dtypes)))
+    unknown_dtypes = [d for d in blob_dtypes if d not in BLOB_DTYPES]
+    if unknown_dtypes:
+        raise ConfigError(f"unknown blob dtype '{unknown_dtypes[0]}'; choose from {', '.join(BLOB_DTYPES)}")
+    if blob_dtypes:
+        specs = [replace(s, column=f"{s.column[:-1]},{d}]", dtype=d) for s in specs for d in blob_dtypes]
     specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
     return specs
 
@@ -282,9 +291,11 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
         chunk split (rows from before gist rows recorded chunking were all fixed)."""
         spec = by_column.get(row.get("method"))
         chunking = row.get("chunking", FIXED if row.get("kind") == "gist" else None)
+        dtype = row.get("dtype", "fp16" if row.get("kind") == "gist" else None)  # rows before dtypes: fp16 blobs
         return (spec is not None and row.get("id") in wanted
-                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"), chunking)
-                == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions, spec.chunking))
+                and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"), chunking, dtype)
+                == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions, spec.chunking,
+                    spec.dtype if spec.kind == "gist" else None))
 
     for spec in specs:
         mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}

@@ -44,7 +44,8 @@ def open_method(spec: MethodSpec, job: dict):
                              chunk_tokens=spec.chunk_tokens, device=settings["device"], positions=spec.positions,
                              chunking=spec.chunking)
         Path(job["blob_dir"]).mkdir(parents=True, exist_ok=True)
-        return Gist(gm, blob_dir=job["blob_dir"], max_new_tokens=settings["max_new_tokens"]), gm.loaded
+        return (Gist(gm, blob_dir=job["blob_dir"], dtype=spec.dtype, max_new_tokens=settings["max_new_tokens"]),
+                gm.loaded)
     method = open_text_method(spec.kind, model=settings["model"], device=settings["device"],
                               rag={"index_dir": job["rag_index_dir"]} if spec.kind == "rag" else None,
                               max_new_tokens=settings["max_new_tokens"])
@@ -78,6 +79,7 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     recorded in `error` with `primary` 0.0 instead of stopping the bench."""
     row = {"method": spec.column, "kind": spec.kind, "adapter": spec.adapter, "num_gist": spec.num_gist,
            "chunk_tokens": spec.chunk_tokens, "positions": spec.positions, "chunking": spec.chunking,
+           "dtype": spec.dtype if spec.kind == "gist" else None,
            "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"], "task": record["task"],
            "question": record["question"], "answers": record["answers"],
            "question_type": question_type(record["task"], record["meta"]),

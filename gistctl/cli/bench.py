@@ -87,6 +87,8 @@ def bench(
                                             "(default: each adapter's own)."),
     chunking: Optional[str] = typer.Option(None, "--chunking", help="Chunk splits, e.g. fixed,even: every gist "
                                            "column once per way of splitting documents (default: each adapter's own)."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Blob dtypes, e.g. fp16,int8: every gist column "
+                                         "once per dtype (default: fp16)."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "
                                         f"(--protocol seed: examples per set, default 20)."),
@@ -111,13 +113,14 @@ def bench(
     if protocol is None and data is None:
         raise DataError("give --data FILE (build one with `gistctl data`) or --protocol seed")
     records = read_jsonl(data) if data is not None else None
-    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking)
+    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking, dtypes)
     if protocol == "seed" and not {"gist", "rag"} <= {s.kind for s in specs}:
         raise ConfigError("--protocol seed compares gist with rag; keep both in --methods")
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
               "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "chunking": chunking,
+              "dtypes": dtypes,
               "limit": limit, "seed": seed, "device": device, "protocol": protocol}
     with contextlib.ExitStack() as stack:  # one bench at a time per run directory
         if run_dir is not None:

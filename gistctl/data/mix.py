@@ -19,6 +19,7 @@ from gistctl.data.builders import build_aggregate, build_facts, build_niah, buil
 from gistctl.data.haystack import load_haystack
 from gistctl.data.lengths import parse_lengths
 from gistctl.data.qa import build_qa
+from gistctl.data.squad import build_squad
 from gistctl.data.schema import TASKS
 from gistctl.errors import ConfigError
 
@@ -31,9 +32,15 @@ OPTIONS = {  # builder keyword arguments a recipe may set, per task
     "facts": {"facts"},
     "aggregate": {"items", "questions", "counts", "values"},
     "qa": {"source", "context_field", "question_field", "answers_field", "id_field"},
+    "squad": {"source", "unanswerable"},
 }
+# recipe components that are builders of another task's records: squad builds `qa` records
+RECIPE_TASKS = (*TASKS, "squad")
+# a squad component's mixture split -> the article split it draws from (its eval never the bench's articles)
+SQUAD_SPLITS = {"train": "train", "eval": "dev"}
 BUILDERS: dict[str, Callable[..., Iterator[dict]]] = {
     "passkey": build_passkey, "niah": build_niah, "facts": build_facts, "aggregate": build_aggregate, "qa": build_qa,
+    "squad": build_squad,
 }
 
 
@@ -71,8 +78,8 @@ def validate_recipe(recipe: object, where: str = "recipe") -> dict:
         if not isinstance(component, dict) or not COMPONENT_KEYS >= set(component) or "task" not in component:
             raise ConfigError(f"{label} must have task, weight, tokens and optional options")
         task = component["task"]
-        if task not in TASKS:
-            raise ConfigError(f"{label}: unknown task '{task}'; use one of {', '.join(TASKS)}")
+        if task not in RECIPE_TASKS:
+            raise ConfigError(f"{label}: unknown task '{task}'; use one of {', '.join(RECIPE_TASKS)}")
         weight = component.get("weight", 1)
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise ConfigError(f"{label}: weight must be a positive number")
@@ -82,6 +89,8 @@ def validate_recipe(recipe: object, where: str = "recipe") -> dict:
             raise ConfigError(f"{label}: {task} options are {', '.join(sorted(OPTIONS[task]))}")
         if task == "qa" and not (isinstance(options.get("source"), dict) and set(options["source"]) == set(SPLITS)):
             raise ConfigError(f"{label}: qa needs options.source: {{train: <file>, eval: <other file>}}")
+        if task == "squad" and not isinstance(options.get("source"), str):
+            raise ConfigError(f"{label}: squad needs options.source: <SQuAD v2.0 JSON file>")
     return recipe
 
 
@@ -105,7 +114,10 @@ def build_split(tokenizer, recipe: dict, split: str, *, haystack=None) -> Iterat
             continue
         task = component["task"]
         kwargs = dict(component.get("options") or {})
-        if task == "qa":
+        if task == "squad":
+            kwargs["tokens"] = parse_lengths(component.get("tokens"), default="512..4k")
+            kwargs["split"] = SQUAD_SPLITS[split]
+        elif task == "qa":
             kwargs["tokens"] = parse_lengths(component["tokens"]) if component.get("tokens") else None
             if isinstance(kwargs.get("source"), dict):  # {train: a.jsonl, eval: b.jsonl}: held out by file
                 kwargs["source"] = kwargs["source"][split]

@@ -34,14 +34,15 @@ def blobs_cache(blobs: list[GistBlob], model) -> tuple[DynamicCache, int, int]:
     keys, values = [], []
     inv_freq = None
     for blob in blobs:
-        k = blob.keys.to(param.device, dtype)
+        k, v = blob.float_kv(dtype)
+        k = k.to(param.device)
         shift = first - blob.meta.next_position
         if shift:
             if inv_freq is None:
                 inv_freq = rope_inv_freq(model)
             k = rotate_keys(k.double(), shift, inv_freq).to(dtype)
         keys.append(k)
-        values.append(blob.values.to(param.device, dtype))
+        values.append(v.to(param.device))
     keys_all, values_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     data = [(keys_all[i : i + 1], values_all[i : i + 1]) for i in range(keys_all.shape[0])]
     return DynamicCache(ddp_cache_data=data, config=model.config), keys_all.shape[2], first

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2  # 2: `checksum` covers the metadata and the tensors; 1 (gistctl < 0.2): the tensors only
 META_KEY = "gistctl"
-BLOB_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BLOB_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
+SCALE_DTYPE = torch.float16  # int8 blobs: keys scaled per channel, values per gist (KIVI's split), scales in fp16
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -81,16 +82,34 @@ class GistBlob:
     keys: torch.Tensor
     values: torch.Tensor
     meta: BlobMeta
+    # int8 blobs only: keys = int8 x key_scales (layers, kv_heads, 1, head_dim: one per channel over the gists),
+    # values = int8 x value_scales (layers, kv_heads, K x chunks, 1: one per gist)
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
     stats: CompressStats | None = field(default=None, compare=False, repr=False)  # set by compress, not stored
 
     def shape(self) -> tuple[int, int, int, int]:
         m = self.meta
         return (m.layers, m.kv_heads, m.total_gists, m.head_dim)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the file stores, in checksum order."""
+        stored = {"keys": self.keys, "values": self.values}
+        if self.key_scales is not None:
+            stored.update(key_scales=self.key_scales, value_scales=self.value_scales)
+        return stored
+
     @property
     def nbytes(self) -> int:
-        """Bytes of the keys and values (the file adds a small header: `save` returns the file's size)."""
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        """Bytes of the stored tensors (the file adds a small header: `save` returns the file's size)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def float_kv(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) as floats of `dtype`, dequantized when the blob is int8."""
+        if self.key_scales is None:
+            return self.keys.to(dtype), self.values.to(dtype)
+        return ((self.keys.float() * self.key_scales.float()).to(dtype),
+                (self.values.float() * self.value_scales.float()).to(dtype))
 
     def save(self, path: str | Path) -> int:
         """Write the blob to `path` atomically (safetensors + metadata); returns the file size in bytes."""
@@ -102,10 +121,26 @@ class GistBlob:
         return read_blob(path)
 
 
-def blob_checksum(keys: torch.Tensor, values: torch.Tensor, metadata: dict) -> str:
-    """sha256 over the keys' and values' bytes, then the metadata (every field but `checksum`) as sorted JSON."""
+def quantize_int8(keys: torch.Tensor, values: torch.Tensor):
+    """(int8 keys, int8 values, key_scales, value_scales): symmetric, keys per channel (layers, kv_heads, 1,
+    head_dim), values per gist (layers, kv_heads, K_total, 1); keys carry RoPE's outlier channels, so one scale
+    per channel keeps the small ones, as in KIVI. Scales are rounded to fp16 before quantizing, so x ~ q x scale
+    with the scales as stored."""
+    def one(x: torch.Tensor, dim: int):
+        x = x.float()
+        scale = (x.abs().amax(dim=dim, keepdim=True) / 127).clamp(min=1e-8).to(SCALE_DTYPE)
+        return (x / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
+
+    qk, key_scales = one(keys, 2)
+    qv, value_scales = one(values, 3)
+    return qk, qv, key_scales, value_scales
+
+
+def blob_checksum(tensors, metadata: dict) -> str:
+    """sha256 over the stored tensors' bytes (keys, values, then any scales), then the metadata (every field but
+    `checksum`) as sorted JSON."""
     digest = hashlib.sha256()
-    for tensor in (keys, values):
+    for tensor in tensors:
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
@@ -113,13 +148,12 @@ def blob_checksum(keys: torch.Tensor, values: torch.Tensor, metadata: dict) -> s
 
 def write_blob(blob: GistBlob, path: str | Path) -> int:
     """Write atomically; returns the file size in bytes. Write errors are a BlobError (one line)."""
-    keys = blob.keys.detach().to("cpu").contiguous()
-    values = blob.values.detach().to("cpu").contiguous()
+    stored = {name: t.detach().to("cpu").contiguous() for name, t in blob.tensors().items()}
     blob.meta.checksum = ""
-    blob.meta.checksum = blob_checksum(keys, values, dataclasses.asdict(blob.meta))
-    _check_shapes(blob.meta, keys, values, str(path))
+    blob.meta.checksum = blob_checksum(stored.values(), dataclasses.asdict(blob.meta))
+    _check_shapes(blob.meta, stored, str(path))
     check_output_path(path)
-    data = save({"keys": keys, "values": values},
+    data = save(stored,
                 metadata={META_KEY: json.dumps(dataclasses.asdict(blob.meta), sort_keys=True)})
     try:
         atomic_write_bytes(path, data)
@@ -144,8 +178,18 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def _check_shapes(meta: BlobMeta, keys: torch.Tensor, values: torch.Tensor, where: str) -> None:
+def _check_shapes(meta: BlobMeta, stored: dict[str, torch.Tensor], where: str) -> None:
     expected = (meta.layers, meta.kv_heads, meta.total_gists, meta.head_dim)
+    scales = {"key_scales": (meta.layers, meta.kv_heads, 1, meta.head_dim),
+              "value_scales": (meta.layers, meta.kv_heads, meta.total_gists, 1)}
+    wanted = {"keys", "values", *(scales if meta.dtype == "int8" else ())}
+    if set(stored) != wanted:
+        raise BlobError(f"{where}: holds tensors {', '.join(sorted(stored))}; a {meta.dtype} blob holds "
+                        f"{', '.join(sorted(wanted))}")
+    for name, shape in scales.items():
+        if name in stored and (tuple(stored[name].shape) != shape or stored[name].dtype != SCALE_DTYPE):
+            raise BlobError(f"{where}: {name} must be {shape} {SCALE_DTYPE}")
+    keys, values = stored["keys"], stored["values"]
     for name, tensor in (("keys", keys), ("values", values)):
         if tuple(tensor.shape) != expected:
             raise BlobError(f"{where}: shape mismatch: {name} is {tuple(tensor.shape)} but the metadata says "
@@ -250,14 +294,15 @@ def read_blob(path: str | Path) -> GistBlob:
     meta, data = _read_header(path) if path.is_file() else (read_blob_meta(path), None)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys, values = handle.get_tensor("keys"), handle.get_tensor("values")
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise BlobError(f"'{path}' is truncated or corrupt ({err}); compress the document again") from err
-    _check_shapes(meta, keys, values, str(path))
-    if blob_checksum(keys, values, data) != meta.checksum:
+    _check_shapes(meta, stored, str(path))
+    order = ["keys", "values", "key_scales", "value_scales"]
+    if blob_checksum([stored[n] for n in order if n in stored], data) != meta.checksum:
         raise BlobError(f"'{path}': checksum mismatch: the blob was modified after it was written; compress the "
                         "document again")
-    return GistBlob(keys, values, meta)
+    return GistBlob(stored["keys"], stored["values"], meta, stored.get("key_scales"), stored.get("value_scales"))
 
 
 def check_blob_matches(meta: BlobMeta, model_fingerprint: str, adapter_fingerprint: str, model_id: str,

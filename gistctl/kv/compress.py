@@ -21,7 +21,7 @@ from gistctl.gist.adapter import shipped_adapter_name
 from gistctl.gist.chunks import split_chunks
 from gistctl.gist.forward import read_chunks
 from gistctl.gist.model import GistModel
-from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob
+from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob, quantize_int8
 from gistctl.gist.positions import COMPACT, SEQUENTIAL, layout_for
 from gistctl.kv.sizes import kv_cache_bytes, kv_geometry
 
@@ -106,7 +106,11 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
         document_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), document_tokens=len(ids),
         chunk_tokens=gm.chunk_tokens, chunking=gm.chunking, positions=layout, dtype=dtype, layers=layers,
         kv_heads=kv_heads, head_dim=head_dim)
-    blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
+    if dtype == "int8":
+        qk, qv, key_scales, value_scales = quantize_int8(keys.to("cpu"), values.to("cpu"))
+        blob = GistBlob(qk, qv, meta, key_scales, value_scales)
+    else:
+        blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
     stats = CompressStats(len(ids), chunks, time.perf_counter() - start,
                           kv_cache_bytes(config, len(ids), torch_dtype.itemsize))
     return blob, stats
