@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gistctl import prompt
 from gistctl.errors import DataError
-from gistctl.gist.adapter import read_adapter_meta, resolve_adapter
+from gistctl.gist.adapter import read_adapter_meta, resolve_adapter, shipped_adapter_dir
 from gistctl.gist.chunks import check_chunking
 from gistctl.gist.model import GistModel, load_gist_model
 from gistctl.gist.positions import check_layout
@@ -103,6 +103,8 @@ def load_for_blob(blob: str | Path | BlobMeta, *, model: str | None = None, adap
                   device: str | None = None) -> Gistctl:
     """The model + adapter a blob was made with (its metadata), unless overridden."""
     meta = blob if isinstance(blob, BlobMeta) else read_blob_meta(blob)
+    if adapter is None and meta.adapter and shipped_adapter_dir(meta.adapter):
+        adapter = str(shipped_adapter_dir(meta.adapter))  # a recorded shipped name, never a folder of that name here
     return Gistctl(open_gist_model(model or meta.model_id, adapter or meta.adapter or "none",
                                    num_gist=meta.num_gist, chunk_tokens=meta.chunk_tokens, device=device,
                                    chunking=meta.chunking))

@@ -275,6 +275,8 @@ def test_blob_records_a_shipped_adapter_by_name(tiny_model_dir, tmp_path, monkey
     # the install moves: the blob still names its adapter, found in the new install
     os.rename(tmp_path / "install-1", tmp_path / "install-2")
     monkeypatch.setattr(adapter_module, "SHIPPED_ADAPTERS", tmp_path / "install-2" / "adapters")
+    (tmp_path / "cwd" / "tiny").mkdir(parents=True)  # a folder of the same name where the user stands is not it
+    monkeypatch.chdir(tmp_path / "cwd")
     gc = load_for_blob(tmp_path / "doc.kv", device="cpu")
     assert isinstance(gc.ask(tmp_path / "doc.kv", "Who keeps it?", max_new_tokens=2).text, str)
 

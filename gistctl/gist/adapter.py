@@ -149,6 +149,14 @@ def shipped_adapter_name(path: str | Path) -> str | None:
     return path.name if path.parent == SHIPPED_ADAPTERS.resolve() else None
 
 
+def shipped_adapter_dir(name: str) -> Path | None:
+    """The folder of the shipped adapter `name` (a bare name: no '/', no '..'), or None."""
+    if "/" in name or "\\" in name or name in (".", "..") or not name:
+        return None
+    path = SHIPPED_ADAPTERS / name
+    return path if (path / GIST_META).is_file() else None
+
+
 def resolve_adapter(spec: str | None) -> Path | None:
     """None -> the shipped default adapter; 'none' -> untrained gist tokens (debugging); a bare name (no '/',
     no '..') -> that shipped adapter if there is one, else a directory; anything else -> a directory."""
@@ -161,9 +169,8 @@ def resolve_adapter(spec: str | None) -> Path | None:
                                  "`gistctl train`), or --adapter none for untrained gist tokens")
         return path
     path = Path(spec).expanduser()
-    bare_name = "/" not in spec and "\\" not in spec and spec not in (".", "..")
-    if bare_name and not path.exists() and (SHIPPED_ADAPTERS / spec / GIST_META).is_file():
-        path = SHIPPED_ADAPTERS / spec
+    if not path.exists() and shipped_adapter_dir(spec):
+        path = shipped_adapter_dir(spec)
     if not path.is_dir():
         raise ModelLoadError(f"adapter directory '{spec}' does not exist")
     read_adapter_meta(path)
