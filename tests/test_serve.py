@@ -3,6 +3,7 @@ loopback (httpx), restarts, two servers on one store, and questions over several
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -201,10 +202,11 @@ def start_server(model_dir: Path, store: Path, port: int) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn shuts down cleanly), SIGKILL after 20 s."""
     proc.terminate()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
+    if proc.poll() is None:
         proc.kill()
 
 
