@@ -29,6 +29,10 @@ from gistctl.prompt import MAX_NEW_TOKENS
 LOOPBACK_NAMES = ("localhost",)
 
 
+class TooLarge(DataError):
+    """A request over one of the server's `Limits` (HTTP 413)."""
+
+
 class DocumentIn(BaseModel):
     """POST /v1/documents: the document's text, or a path inside the server's --documents-dir."""
 
@@ -149,7 +153,7 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
 
             text = read_document(path)
         if len(text.encode("utf-8")) > limits.document_bytes:
-            raise _TooLarge(f"document over {limits.document_bytes:,} bytes")
+            raise TooLarge(f"document over {limits.document_bytes:,} bytes")
         prompt.check_text(text)
         return text
 
@@ -195,7 +199,7 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
         for q in questions:
             prompt.check_question(q)
             if len(prompt.question_ids(gc.gist_model.tokenizer, q)) > limits.question_tokens:
-                raise _TooLarge(f"a question is over {limits.question_tokens} tokens")
+                raise TooLarge(f"a question is over {limits.question_tokens} tokens")
         return questions
 
     def blobs_for(ids: list[str]):
@@ -245,11 +249,8 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
             if kind in ("done", "error"):
                 return
 
-    class _TooLarge(DataError):
-        pass
-
-    @app.exception_handler(_TooLarge)
-    async def _too_large(_: Request, err: _TooLarge):
+    @app.exception_handler(TooLarge)
+    async def _too_large(_: Request, err: TooLarge):
         return error(413, str(err))
 
     return app

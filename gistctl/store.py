@@ -127,7 +127,7 @@ class BlobStore:
             if ID_PATTERN.match(path.stem):
                 try:
                     found.append(self.entry(path.stem))
-                except (UnknownDocument, GistctlError):
+                except GistctlError:
                     continue  # deleted meanwhile, or not a readable blob: not listed
         return found
 

@@ -35,20 +35,19 @@ def compress(
 ) -> None:
     """Read a document once and keep only its gist tokens' KV cache."""
     text = read_document(document)
+    if store is not None and output is not None:
+        raise DataError("give -o or --store, not both")
+    if store is None:
+        output = check_output_path(output or document.with_suffix(".kv"))  # before the work, not after it
+    gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
+              chunking=chunking)
     if store is not None:
-        if output is not None:
-            raise DataError("give -o or --store, not both")
         blobs = BlobStore(None if store == "default" else store)
-        gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
-                  chunking=chunking)
         entry, compressed = blobs.compress(gc, text, name=document.name, dtype=dtype)
         console.print(f"{'stored' if compressed else 'already stored'} {entry.id}  ({blobs.blob_path(entry.id)})")
         console.print(f"document tokens  {entry.tokens:,}   chunks {entry.chunks}   blob bytes {entry.blob_bytes:,}   "
                       f"ratio {entry.ratio:.1f}x smaller (full KV at {entry.dtype} / blob file)")
         return
-    output = check_output_path(output or document.with_suffix(".kv"))  # before the work, not after it
-    gc = load(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device, positions=positions,
-              chunking=chunking)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("compressing", total=None)
         blob = gc.compress(text, dtype=dtype,

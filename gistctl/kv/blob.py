@@ -249,16 +249,15 @@ def _validate(data: dict, where: str) -> None:
 
 def read_blob_meta(path: str | Path) -> BlobMeta:
     """Metadata only (cheap): the header of the safetensors file, validated field by field."""
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise BlobError(f"'{path}' is a directory, not a blob")
-        raise BlobError(f"blob '{path}' does not exist; make one with `gistctl compress DOC -o {path.name}`")
-    meta, _ = _read_header(path)
+    meta, _ = _read_header(Path(path))
     return meta
 
 
 def _read_header(path: Path) -> tuple[BlobMeta, dict]:
+    if not path.is_file():
+        if path.is_dir():
+            raise BlobError(f"'{path}' is a directory, not a blob")
+        raise BlobError(f"blob '{path}' does not exist; make one with `gistctl compress DOC -o {path.name}`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(META_KEY)
@@ -291,7 +290,7 @@ def read_blob(path: str | Path) -> GistBlob:
     """Read and validate: readable file, gistctl metadata, known format, every field, shapes, dtype, and the
     checksum over the tensors and the metadata."""
     path = Path(path)
-    meta, data = _read_header(path) if path.is_file() else (read_blob_meta(path), None)
+    meta, data = _read_header(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = {name: handle.get_tensor(name) for name in handle.keys()}
