@@ -22,7 +22,7 @@ from gistctl.gist.adapter import read_adapter_meta, resolve_adapter, shipped_ada
 from gistctl.gist.chunks import check_chunking
 from gistctl.gist.model import GistModel, load_gist_model
 from gistctl.gist.positions import check_layout
-from gistctl.kv.answer import answer_from_blobs, check_blob_for_model
+from gistctl.kv.answer import answer_from_blobs, check_blobs_for_model
 from gistctl.kv.blob import BlobMeta, GistBlob, read_blob, read_blob_meta
 from gistctl.kv.compress import compress_document
 from gistctl.methods.base import Answer
@@ -61,17 +61,9 @@ class Gistctl:
         a list of them: the question then reads every document's gists side by side (`answer_from_blobs`).
         One question -> one `Answer` (`.text`, `.ttft_ms` in milliseconds, ...); a list -> a list."""
         given = list(blob) if isinstance(blob, (list, tuple)) else [blob]
-        blobs = []
-        for item in given:
-            if isinstance(item, GistBlob):
-                check_blob_for_model(item, self.gist_model, where="blob")
-                blobs.append(item)
-            else:
-                read = read_blob(item)
-                check_blob_for_model(read, self.gist_model, where=f"blob '{item}'")
-                blobs.append(read)
-        if not blobs:
-            raise DataError("give at least one blob")
+        blobs = [item if isinstance(item, GistBlob) else read_blob(item) for item in given]
+        check_blobs_for_model(blobs, self.gist_model,
+                              [f"blob '{item}'" if not isinstance(item, GistBlob) else "blob" for item in given])
         questions = [question] if isinstance(question, str) else list(question)
         if not questions:
             raise DataError("give at least one question")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gistctl.errors import ConfigError, DataError, GistctlError
-from gistctl.store import BlobStore, UnknownDocument
+from gistctl.store import BlobStore, UnknownDocument, document_id
 
 from pydantic import BaseModel, Field
 
@@ -161,8 +161,12 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
     def post_document(body: DocumentIn):
         text = read_posted(body)
         start = time.perf_counter()
-        with model_lock:
-            entry, compressed = store.compress(gc, text, name=body.name or (Path(body.path).name if body.path else None))
+        doc_id = document_id(text, gc.gist_model)
+        if doc_id in store:  # no wait behind queued questions for a document already compressed
+            entry, compressed = store.entry(doc_id), False
+        else:
+            with model_lock:  # compress checks the store again: another request may have just compressed it
+                entry, compressed = store.compress(gc, text, name=body.name or (Path(body.path).name if body.path else None))
         if compressed:
             app.state.compressions += 1
         return {**entry.to_json(), "compressed": compressed, "seconds": round(time.perf_counter() - start, 4)}

@@ -62,11 +62,13 @@ def check_blob_for_model(blob: GistBlob, gm: GistModel, where: str = "blob") -> 
     check_blob_matches(blob.meta, gm.loaded.fingerprint, gm.adapter_fingerprint, gm.loaded.name, gm.adapter_dir, where)
 
 
-def check_blobs_for_model(blobs: list[GistBlob], gm: GistModel) -> None:
+def check_blobs_for_model(blobs: list[GistBlob], gm: GistModel, names: list[str] | None = None) -> None:
+    """Refuse none given, or any blob made with another model or adapter (named by `names`, else by place)."""
     if not blobs:
         raise DataError("give at least one blob")
     for i, blob in enumerate(blobs):
-        check_blob_for_model(blob, gm, where=f"blob {i + 1} of {len(blobs)}")
+        where = names[i] if names else ("blob" if len(blobs) == 1 else f"blob {i + 1} of {len(blobs)}")
+        check_blob_for_model(blob, gm, where=where)
 
 
 def answer_from_blobs(gm: GistModel, blobs: list[GistBlob], question: str, *,

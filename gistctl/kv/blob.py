@@ -24,6 +24,7 @@ from gistctl import __version__
 from gistctl.errors import BlobError
 from gistctl.gist.chunks import CHUNKINGS, FIXED
 from gistctl.gist.positions import LAYOUTS, SEQUENTIAL
+from gistctl.kv.sizes import kv_bytes
 from gistctl.runs import atomic_write_bytes, utc_now
 
 if TYPE_CHECKING:
@@ -70,8 +71,8 @@ class BlobMeta:
     def full_kv_bytes(self) -> int:
         """Bytes of the document's full KV cache at this blob's dtype (like for like with the blob):
         2 (keys, values) x layers x kv_heads x document tokens x head_dim x bytes per value."""
-        itemsize = BLOB_DTYPES[self.dtype].itemsize
-        return 2 * self.layers * self.kv_heads * self.document_tokens * self.head_dim * itemsize
+        return kv_bytes(self.layers, self.kv_heads, self.head_dim, self.document_tokens,
+                        BLOB_DTYPES[self.dtype].itemsize)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from gistctl.gist.forward import read_chunks
 from gistctl.gist.model import GistModel
 from gistctl.kv.blob import BLOB_DTYPES, BlobMeta, GistBlob, quantize_int8
 from gistctl.gist.positions import COMPACT, SEQUENTIAL, layout_for
-from gistctl.kv.sizes import kv_cache_bytes, kv_geometry
+from gistctl.kv.sizes import kv_geometry
 
 ANSWER_ROOM = 256  # positions kept free after the gists for the question and its answer
 
@@ -111,6 +111,5 @@ def compress_document(gm: GistModel, text: str, *, dtype: str = "fp16",
         blob = GistBlob(qk, qv, meta, key_scales, value_scales)
     else:
         blob = GistBlob(keys.to("cpu", torch_dtype), values.to("cpu", torch_dtype), meta)
-    stats = CompressStats(len(ids), chunks, time.perf_counter() - start,
-                          kv_cache_bytes(config, len(ids), torch_dtype.itemsize))
+    stats = CompressStats(len(ids), chunks, time.perf_counter() - start, meta.full_kv_bytes)
     return blob, stats

@@ -11,7 +11,11 @@ def kv_geometry(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def kv_cache_bytes(config, tokens: int, bytes_per_value: int) -> int:
-    """Bytes of a full KV cache: 2 (keys, values) x layers x kv_heads x tokens x head_dim x bytes."""
-    layers, kv_heads, head_dim = kv_geometry(config)
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per_value: int) -> int:
+    """Bytes of a KV cache: 2 (keys, values) x layers x kv_heads x tokens x head_dim x bytes."""
     return 2 * layers * kv_heads * tokens * head_dim * bytes_per_value
+
+
+def kv_cache_bytes(config, tokens: int, bytes_per_value: int) -> int:
+    """Bytes of a full KV cache of `tokens` tokens for a decoder config."""
+    return kv_bytes(*kv_geometry(config), tokens, bytes_per_value)
