@@ -80,6 +80,7 @@ class LoraSettings:
 
 
 GRAD_CHUNKS = ("all", "answer", "copied")
+READERS = ("gist", "full")  # gistctl.train.objectives
 
 
 def _check_stop_at_step(where: str, stop_at_step: int | None, max_steps: int) -> None:
@@ -115,6 +116,14 @@ class TrainSettings:
     grad_chunks: str = "all"
     # answers that are codes (pass keys, ids, numbers) are trained one character per token (prompt.answer_ids)
     spell_codes: bool = False
+    # gist: the question reads the gists (what compress makes); full: it reads the whole document (no gists), the
+    # same LoRA on the same data as a trained ceiling for `ask --method full --adapter` (gistctl.train.objectives)
+    reader: str = "gist"
+    # context distillation (gist reader only): weight of KL(teacher || student) on the answer tokens, beside the
+    # answer cross-entropy; 0 = off. The teacher reads the whole document: `base` (the adapter switched off) or a
+    # `--reader full` adapter directory
+    distill: float = 0.0
+    teacher: str = "base"
 
     @property
     def last_step(self) -> int:
@@ -127,6 +136,16 @@ class TrainSettings:
             _positive("train", key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
             _positive("train", key, getattr(self, key), allow_zero=True)
+        if self.reader not in READERS:
+            raise ConfigError(f"train.reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or self.distill < 0:
+            raise ConfigError(f"train.distill must be a weight >= 0, got {self.distill!r}")
+        if self.distill and self.reader != "gist":
+            raise ConfigError("train.distill trains a gist reader towards a full-context teacher; "
+                              "drop it with --reader full")
+        if self.teacher != "base" and not (Path(self.teacher) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"train.teacher must be 'base' or an adapter directory (trained with --reader full), "
+                              f"got {self.teacher!r}")
         if self.grad_chunks not in GRAD_CHUNKS:
             raise ConfigError(f"train.grad_chunks must be one of {', '.join(GRAD_CHUNKS)}, got {self.grad_chunks!r}")
         _check_stop_at_step("train.", self.stop_at_step, self.max_steps)

@@ -13,12 +13,13 @@ over the base model through `open_text_method`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gistctl import prompt
 from gistctl.errors import DataError
-from gistctl.gist.adapter import read_adapter_meta, resolve_adapter, shipped_adapter_dir
+from gistctl.gist.adapter import adapter_reader, read_adapter_meta, resolve_adapter, shipped_adapter_dir
 from gistctl.gist.chunks import check_chunking
 from gistctl.gist.model import GistModel, load_gist_model
 from gistctl.gist.positions import check_layout
@@ -117,6 +118,9 @@ def open_gist_model(model: str | None, adapter: str | None, *, num_gist: int | N
     adapter_dir = resolve_adapter(adapter)
     if adapter_dir is None and num_gist is None:
         raise DataError("--adapter none needs --num-gist K (how many untrained gist tokens per chunk to use)")
+    if adapter_dir is not None and adapter_reader(read_adapter_meta(adapter_dir)) != "gist":
+        raise DataError(f"adapter '{adapter}' reads whole documents (trained with --reader full), not gists; use it "
+                        f"with `ask --method full --adapter {adapter}`, and a gist adapter to compress")
     if model is None and adapter_dir is not None:
         model = read_adapter_meta(adapter_dir).base_model  # load_model maps the default's name itself
     loaded = load_model(model, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
@@ -151,16 +155,23 @@ def read_questions(path: str | Path) -> list[str]:
 
 
 def open_text_method(name: str, *, model: str | None = None, device: str | None = None, truncate: bool = False,
-                     rag: dict | None = None, max_new_tokens: int = 32, loaded=None):
+                     rag: dict | None = None, max_new_tokens: int = 32, loaded=None, adapter: str | None = None):
     """full or rag over the base model. `rag`: Rag settings (index_dir, chunk_tokens, overlap, top_k,
-    embedder as a path or id). `loaded`: an already loaded base model to reuse."""
+    embedder as a path or id). `loaded`: an already loaded base model to reuse. `adapter`: a LoRA reader merged
+    into the base model first (a directory or shipped name; `gistctl train --reader full` trains one: the
+    trained full-context ceiling)."""
     from gistctl.methods import get_method
 
     if name not in ("full", "rag"):
         from gistctl.errors import ConfigError
 
         raise ConfigError(f"unknown method '{name}' for a text document; choose full or rag (gist needs a blob)")
+    adapter_dir = resolve_adapter(adapter) if adapter else None
+    if model is None and adapter_dir is not None:
+        model = read_adapter_meta(adapter_dir).base_model
     loaded = loaded or load_model(model, device=device)
+    if adapter_dir is not None:
+        loaded = dataclasses.replace(loaded, model=load_gist_model(loaded, adapter_dir).model)
     kwargs = {"loaded": loaded, "truncate": truncate, "max_new_tokens": max_new_tokens}
     if name == "rag":
         from gistctl.models import load_embedder

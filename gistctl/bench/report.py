@@ -105,9 +105,39 @@ def summarize_column(rows: list[dict]) -> dict[str, Any]:
     return summary
 
 
+def ceiling_column(methods: dict[str, dict], columns: list[str]) -> str | None:
+    """The trained ceiling: the first full-context column that reads with an adapter (full+lora), if any."""
+    return next((c for c in columns if methods[c]["kind"] == "full" and methods[c].get("adapter")), None)
+
+
+def retention(methods: dict[str, dict], columns: list[str]) -> dict[str, Any] | None:
+    """Per gist column, its accuracy over the trained ceiling's, overall and per task (None where the ceiling
+    scored 0): what compression keeps of what the same LoRA reads from the whole document."""
+    ceiling = ceiling_column(methods, columns)
+    if ceiling is None:
+        return None
+
+    def ratio(gist: dict | None, full: dict | None) -> float | None:
+        if not gist or not full or gist["mean"] is None or not full["mean"]:
+            return None
+        return gist["mean"] / full["mean"]
+
+    top = methods[ceiling]
+    per_column = {}
+    for column in columns:
+        m = methods[column]
+        if m["kind"] != "gist":
+            continue
+        per_column[column] = {"accuracy": ratio(m["accuracy"], top["accuracy"]),
+                              "tasks": {t: ratio(m["tasks"].get(t), c) for t, c in top["tasks"].items()}}
+    return {"ceiling": ceiling, "columns": per_column}
+
+
 def summarize(rows: list[dict], columns: list[str], info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """metrics.json content for `columns` (in that order) from their prediction rows."""
+    """metrics.json content for `columns` (in that order) from their prediction rows; with a full+lora column,
+    `retention` (gist / full+lora, per gist column)."""
     by_column = {column: [r for r in rows if r["method"] == column] for column in columns}
+    methods = {column: summarize_column(by_column[column]) for column in columns}
     return {
         "format_version": FORMAT_VERSION,
         **(info or {}),
@@ -115,7 +145,8 @@ def summarize(rows: list[dict], columns: list[str], info: dict[str, Any] | None 
         "buckets": [label for _, _, label in BUCKETS],
         "n_examples": len({r["id"] for r in rows}),
         "columns": list(columns),  # the methods' order (metrics.json sorts keys)
-        "methods": {column: summarize_column(by_column[column]) for column in columns},
+        "methods": methods,
+        "retention": retention(methods, list(columns)),
     }
 
 
@@ -202,6 +233,15 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
         "## Accuracy per context length (meta.context_tokens)", "",
         _md_table(["method", *buckets], _breakdown(metrics, "buckets", buckets)), "",
     ]
+    kept = metrics.get("retention")
+    if kept and kept["columns"]:
+        task_names = sorted(next(iter(kept["columns"].values()))["tasks"])
+        parts += [f"## Retention (gist / {kept['ceiling']})", "",
+                  f"Accuracy of each gist column over that of `{kept['ceiling']}`, the same data read whole by a "
+                  "LoRA trained to (`gistctl train --reader full`): what compression keeps.", "",
+                  _md_table(["method", "overall", *task_names],
+                            [[column, *(_fmt(v, ".2f") for v in (r["accuracy"], *(r["tasks"][t] for t in task_names)))]
+                             for column, r in kept["columns"].items()]), ""]
     headers, type_rows = _by_question_type(metrics)
     if type_rows:
         parts += ["## Accuracy per question type", "",

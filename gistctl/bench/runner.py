@@ -28,7 +28,9 @@ from gistctl.gist.chunks import FIXED, check_chunking
 from gistctl.gist.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
 
-METHOD_KINDS = ("gist", "rag", "full")
+METHOD_KINDS = ("gist", "rag", "full", "full+lora", "rag+lora")
+# columns that read the document with a trained reader adapter (`--reader-adapter`, from `train --reader full`)
+READER_KINDS = {"full+lora": "full", "rag+lora": "rag"}
 PREDICTIONS = "predictions.jsonl"
 EVENT_PREFIX = "@@gistctl-bench "  # worker stdout lines carrying a JSON event; anything else is library noise
 
@@ -39,7 +41,8 @@ class BenchWorkerError(GistctlError):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One bench column. adapter: gist only; a directory, a shipped name, "none" (untrained) or None (default)."""
+    """One bench column. adapter: a gist column's adapter (a directory, a shipped name, "none" (untrained) or None
+    (the default)), or the reader adapter of a full+lora / rag+lora column (kind full / rag)."""
 
     column: str
     kind: str
@@ -118,12 +121,14 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
 
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
                   chunk_tokens: str | None = None, positions: str | None = None,
-                  chunking: str | None = None, dtypes: str | None = None) -> list[MethodSpec]:
+                  chunking: str | None = None, dtypes: str | None = None,
+                  reader_adapter: str | None = None) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
     adapter). `positions` ("sequential,compact") and `chunking` ("fixed,even"): likewise once per gist position
-    layout and per way of splitting a document into chunks."""
+    layout and per way of splitting a document into chunks. `reader_adapter`: the adapter of the full+lora and
+    rag+lora columns (the trained ceiling, `gistctl train --reader full`)."""
     from gistctl.gist.adapter import NO_ADAPTER, resolve_adapter
 
     kinds = list(dict.fromkeys(_split(methods)))
@@ -171,7 +176,20 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
         raise ConfigError(f"unknown blob dtype '{unknown_dtypes[0]}'; choose from {', '.join(BLOB_DTYPES)}")
     if blob_dtypes:
         specs = [replace(s, column=f"{s.column[:-1]},{d}]", dtype=d) for s in specs for d in blob_dtypes]
-    specs += [MethodSpec(kind, kind) for kind in kinds if kind != "gist"]
+    readers = [kind for kind in kinds if kind in READER_KINDS]
+    if readers and not reader_adapter:
+        raise ConfigError(f"--methods {readers[0]} needs --reader-adapter DIR (an adapter trained with "
+                          "`gistctl train --reader full`)")
+    if reader_adapter and not readers:
+        raise ConfigError("--reader-adapter is used by the full+lora and rag+lora columns; add one to --methods")
+    for kind in kinds:
+        if kind in READER_KINDS:
+            from gistctl.gist.adapter import adapter_fingerprint
+
+            path = resolve_adapter(reader_adapter)
+            specs.append(MethodSpec(kind, READER_KINDS[kind], reader_adapter, adapter_fingerprint=adapter_fingerprint(path)))
+        elif kind != "gist":
+            specs.append(MethodSpec(kind, kind))
     return specs
 
 

@@ -48,7 +48,7 @@ def open_method(spec: MethodSpec, job: dict):
                 gm.loaded)
     method = open_text_method(spec.kind, model=settings["model"], device=settings["device"],
                               rag={"index_dir": job["rag_index_dir"]} if spec.kind == "rag" else None,
-                              max_new_tokens=settings["max_new_tokens"])
+                              max_new_tokens=settings["max_new_tokens"], adapter=spec.adapter)
     return method, method.loaded
 
 

@@ -23,7 +23,8 @@ def ask(
     questions_file: Path = typer.Option(None, "--questions", help="A text file with one question per line."),
     method: str = typer.Option("gist", help="gist (answer from a blob), full or rag (answer from the document)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: the blob's model / embedded default."),
-    adapter: str = typer.Option(None, help="gist: adapter directory; default: the one the blob was made with."),
+    adapter: str = typer.Option(None, help="gist: adapter directory; default: the one the blob was made with. full/rag: a "
+                                 "LoRA reader (`train --reader full`) merged into the model; default: none."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     truncate: bool = typer.Option(False, help="full: cut the document to fit the window instead of failing."),
     index: str = typer.Option(None, help="rag: LanceDB index directory to reuse across calls."),
@@ -59,7 +60,7 @@ def ask(
         rag = {"index_dir": index, "chunk_tokens": chunk_tokens, "overlap": overlap, "top_k": top_k,
                "embedder": embedder}
         runner = open_text_method(method, model=model, device=device, truncate=truncate, rag=rag,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, adapter=adapter)
         state = runner.prepare(read_document(source))
     for question in asked:
         answer = runner.answer(state, question)

@@ -61,6 +61,10 @@ def _print_summary(metrics: dict, criteria) -> None:
         for row in rows:
             table.add_row(*(escape(row[i]) for i in columns))
         console.print(table)
+    kept = metrics.get("retention")
+    for column, r in (kept["columns"] if kept else {}).items():
+        value = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
+        console.print(f"retention {escape(column)} / {escape(kept['ceiling'])}: {value}", highlight=False)
     if criteria:
         checks = Table(title="seed protocol criteria")
         for header in ("criterion", "target", "measured", "result"):
@@ -73,7 +77,8 @@ def _print_summary(metrics: dict, criteria) -> None:
 
 @user_errors
 def bench(
-    methods: str = typer.Option("gist,rag,full", help="Comma-separated methods: gist, rag, full."),
+    methods: str = typer.Option("gist,rag,full", help="Comma-separated methods: gist, rag, full; full+lora and "
+                                "rag+lora read with --reader-adapter (the trained ceiling)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL dataset (see `gistctl data`)."),
     adapter: Optional[str] = typer.Option(None, help="Gist adapter(s), comma-separated: directories or shipped "
                                           "names, one column each; 'none' = untrained gists (needs --num-gist). "
@@ -89,6 +94,9 @@ def bench(
                                            "column once per way of splitting documents (default: each adapter's own)."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Blob dtypes, e.g. fp16,int8: every gist column "
                                          "once per dtype (default: fp16)."),
+    reader_adapter: Optional[str] = typer.Option(None, "--reader-adapter", help="Adapter of the full+lora and "
+                                                 "rag+lora columns (`gistctl train --reader full`); the report then "
+                                                 "shows each gist column's retention = gist / full+lora."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "
                                         f"(--protocol seed: examples per set, default 20)."),
@@ -113,12 +121,12 @@ def bench(
     if protocol is None and data is None:
         raise DataError("give --data FILE (build one with `gistctl data`) or --protocol seed")
     records = read_jsonl(data) if data is not None else None
-    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking, dtypes)
+    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking, dtypes, reader_adapter)
     if protocol == "seed" and not {"gist", "rag"} <= {s.kind for s in specs}:
         raise ConfigError("--protocol seed compares gist with rag; keep both in --methods")
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
-              "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter,
+              "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter, "reader_adapter": reader_adapter,
               "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "chunking": chunking,
               "dtypes": dtypes,
               "limit": limit, "seed": seed, "device": device, "protocol": protocol}

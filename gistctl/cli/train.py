@@ -35,6 +35,11 @@ def train(
                                  "the rest) or even (equal chunks)."),
     seed: int = typer.Option(None, help="Seed for data order and initialisation."),
     init_adapter: Path = typer.Option(None, help="Start from this adapter (a curriculum's earlier phase)."),
+    reader: str = typer.Option(None, help="gist (the question reads the gists: what compress makes) or full (it "
+                               "reads the whole document: the trained ceiling, for ask --method full --adapter)."),
+    distill: float = typer.Option(None, help="Weight of KL(teacher || student) on answer tokens beside the "
+                                  "cross-entropy (gist reader; 0 = off)."),
+    teacher: str = typer.Option(None, help="Distillation teacher: base (adapter off) or a --reader full adapter."),
     model: str = typer.Option(None, help="HF model id or local directory; default: embedded SmolLM2-135M-Instruct."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     load_in_4bit: bool = typer.Option(None, "--load-in-4bit", help="QLoRA: 4-bit base model (CUDA + bitsandbytes)."),
@@ -52,7 +57,8 @@ def train(
     overrides = {"gist.num_gist": num_gist, "gist.chunk_tokens": chunk_tokens, "gist.positions": positions,
                  "gist.chunking": chunking, "train.data": data, "train.eval": eval_data, "train.max_steps": max_steps,
                  "train.lr": lr, "train.gist_lr": gist_lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
-                 "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter,
+                 "train.max_length": max_length, "train.seed": seed, "train.init_adapter": init_adapter, "train.reader": reader,
+                 "train.distill": distill, "train.teacher": teacher,
                  "model.name": model, "model.device": device, "model.load_in_4bit": load_in_4bit}
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
     if resume:

@@ -19,7 +19,7 @@ from gistctl.data.builders import build_aggregate, build_facts, build_niah, buil
 from gistctl.data.haystack import load_haystack
 from gistctl.data.lengths import parse_lengths
 from gistctl.data.qa import build_qa
-from gistctl.data.squad import build_squad
+from gistctl.data.squad import build_squad, build_squad_continuation
 from gistctl.data.schema import TASKS
 from gistctl.errors import ConfigError
 
@@ -33,14 +33,15 @@ OPTIONS = {  # builder keyword arguments a recipe may set, per task
     "aggregate": {"items", "questions", "counts", "values"},
     "qa": {"source", "context_field", "question_field", "answers_field", "id_field"},
     "squad": {"source", "unanswerable"},
+    "squad_continue": {"source"},
 }
-# recipe components that are builders of another task's records: squad builds `qa` records
-RECIPE_TASKS = (*TASKS, "squad")
+# recipe components that are builders of another task's records: squad and squad_continue build `qa` records
+RECIPE_TASKS = (*TASKS, "squad", "squad_continue")
 # a squad component's mixture split -> the article split it draws from (its eval never the bench's articles)
 SQUAD_SPLITS = {"train": "train", "eval": "dev"}
 BUILDERS: dict[str, Callable[..., Iterator[dict]]] = {
     "passkey": build_passkey, "niah": build_niah, "facts": build_facts, "aggregate": build_aggregate, "qa": build_qa,
-    "squad": build_squad,
+    "squad": build_squad, "squad_continue": build_squad_continuation,
 }
 
 
@@ -89,8 +90,8 @@ def validate_recipe(recipe: object, where: str = "recipe") -> dict:
             raise ConfigError(f"{label}: {task} options are {', '.join(sorted(OPTIONS[task]))}")
         if task == "qa" and not (isinstance(options.get("source"), dict) and set(options["source"]) == set(SPLITS)):
             raise ConfigError(f"{label}: qa needs options.source: {{train: <file>, eval: <other file>}}")
-        if task == "squad" and not isinstance(options.get("source"), str):
-            raise ConfigError(f"{label}: squad needs options.source: <SQuAD v2.0 JSON file>")
+        if task in ("squad", "squad_continue") and not isinstance(options.get("source"), str):
+            raise ConfigError(f"{label}: {task} needs options.source: <SQuAD v2.0 JSON file>")
     return recipe
 
 
@@ -114,7 +115,7 @@ def build_split(tokenizer, recipe: dict, split: str, *, haystack=None) -> Iterat
             continue
         task = component["task"]
         kwargs = dict(component.get("options") or {})
-        if task == "squad":
+        if task in ("squad", "squad_continue"):
             kwargs["tokens"] = parse_lengths(component.get("tokens"), default="512..4k")
             kwargs["split"] = SQUAD_SPLITS[split]
         elif task == "qa":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -113,3 +114,58 @@ def build_squad(tokenizer, *, source: str | Path, n: int, seed: int, tokens: Len
                 "source": SOURCE, "tokenizer": tokenizer_name(tokenizer)}
         yield {"id": f"squad-{split}-{seed}-{i:06d}", "task": "qa", "context": context, "question": qa["question"],
                "answers": answers, "meta": meta}
+
+
+CONTINUE_QUESTION = "Continue the text from where it stops."
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+CONTINUATION_WORDS = 40  # the longest continuation (words); the next sentence, cut at this many words
+
+
+def build_squad_continuation(tokenizer, *, source: str | Path, n: int, seed: int, tokens: LengthSpec,
+                             split: str = "train") -> Iterator[dict]:
+    """`n` continuation examples of the split's articles: a document of about its target tokens that stops after
+    a sentence of one article's paragraph, answered with that paragraph's next sentence (at most
+    `CONTINUATION_WORDS` words). Before the article's paragraphs come whole paragraphs of the split's other
+    articles, so the text runs to the target length. Records are `qa` (scored by token F1) with
+    `meta.kind: continuation`: what a reader keeps of prose itself, and what context distillation pulls the gists
+    towards (the teacher's next-token distributions over the text that follows)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; use train, dev or eval")
+    paragraphs = [p for p in load_squad(source) if article_split(p.article) == split]
+    if len({p.article for p in paragraphs}) < 2:
+        raise DataError(f"the {split} split of '{source}' has too few articles for continuation examples")
+    for p, count in zip(paragraphs, count_tokens_batch(tokenizer, [p.text for p in paragraphs])):
+        p.tokens = count
+    # a paragraph with two sentences or more can stop after one of them (not the last)
+    cuttable = [p for p in paragraphs if len(SENTENCE_END.split(p.text.strip())) >= 2]
+    order = random.Random(seed)
+    order.shuffle(cuttable)
+    if n > len(cuttable):
+        raise DataError(f"the {split} split has {len(cuttable)} paragraphs to continue; ask for fewer")
+    for i in range(n):
+        rng = random.Random(example_seed(seed, i))
+        gold = cuttable[i]
+        sentences = SENTENCE_END.split(gold.text.strip())
+        stop = rng.randint(1, len(sentences) - 1)
+        head = " ".join(sentences[:stop])
+        words = sentences[stop].split()
+        answer = " ".join(words[:CONTINUATION_WORDS])
+        target = tokens.target(i, rng)
+        others = [p for p in paragraphs if p.article != gold.article]
+        rng.shuffle(others)
+        chosen, total = [], gold.tokens
+        for p in others:
+            if total >= target:
+                break
+            if total + p.tokens > target * 1.1 and chosen:
+                continue
+            chosen.append(p)
+            total += p.tokens
+        context = "\n\n".join([p.text for p in chosen] + [head])
+        measured = count_tokens_batch(tokenizer, [context])[0]
+        meta = {"target_tokens": target, "context_tokens": measured, "split": split, "article": gold.article,
+                "kind": "continuation", "sentence": stop, "truncated_words": max(0, len(words) - CONTINUATION_WORDS),
+                "distractor_articles": sorted({p.article for p in chosen}), "seed": example_seed(seed, i),
+                "source": SOURCE, "tokenizer": tokenizer_name(tokenizer)}
+        yield {"id": f"squad-continue-{split}-{seed}-{i:06d}", "task": "qa", "context": context,
+               "question": CONTINUE_QUESTION, "answers": [answer], "meta": meta}

@@ -82,6 +82,12 @@ class AdapterMeta:
         return json.dumps({k: getattr(self, k) for k in READING_FIELDS}, sort_keys=True).encode()
 
 
+def adapter_reader(meta: AdapterMeta) -> str:
+    """How the adapter was trained to read: `gist` (from gists: compress + ask) or `full` (whole documents:
+    `ask --method full --adapter`; `gistctl train --reader full`, recorded in gist.json)."""
+    return meta.extra.get("reader", "gist")
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 

@@ -47,6 +47,20 @@ def answer_chunks(tokenizer, chunks: list[list[int]], answer: str) -> tuple[int,
     return tuple(sorted(found))
 
 
+def trained_answer(example: dict) -> str:
+    """What training teaches the model to say: `answer`, else meta.completion where a builder set one, else
+    the first of `answers`."""
+    answer = example.get("answer")
+    if answer is None:
+        answer = (example.get("meta") or {}).get("completion")
+    if answer is None:
+        answers = example.get("answers") or []
+        if not answers:
+            raise DataError(f"example {example.get('id', '?')} has no answer")
+        answer = answers[0]
+    return str(answer)
+
+
 @dataclass
 class EncodedExample:
     input_ids: list[int]
@@ -76,14 +90,7 @@ class GistCollator:
         self.examples_truncated = 0
 
     def encode(self, example: dict) -> EncodedExample:
-        answer = example.get("answer")
-        if answer is None:  # what the model is trained to say: meta.completion where a builder set one
-            answer = (example.get("meta") or {}).get("completion")
-        if answer is None:
-            answers = example.get("answers") or []
-            if not answers:
-                raise DataError(f"example {example.get('id', '?')} has no answer")
-            answer = answers[0]
+        answer = trained_answer(example)
         context = prompt.context_ids(self.tokenizer, example["context"])
         question = prompt.question_ids(self.tokenizer, example["question"])
         answer_ids = prompt.answer_ids(self.tokenizer, str(answer), spell_codes=self.spell_codes)

@@ -90,9 +90,37 @@ def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: lis
     `answer_chunks_only`: backpropagate only through the chunks that hold the answer (an example's
     `answer_chunks`; all chunks when the answer is not in the text verbatim). The loss is the same; the
     gradient leaves out how the other chunks' gists would change."""
+    return logits_loss_sum(chunked_answer_logits(model, examples, gist_ids, layout,
+                                                 answer_chunks_only=answer_chunks_only))
+
+
+def logits_loss_sum(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, token count) over (logits (A, vocab), targets (A,)) pairs."""
+    total = sum(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+                for logits, targets in pairs)
+    return total, sum(len(targets) for _, targets in pairs)
+
+
+def batch_answer_logits(model, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example of a collated batch: (logits that predict its answer tokens (A, vocab), those tokens (A,)),
+    computing logits only for the answer positions (left padding puts every answer at the end)."""
+    keep = int(batch["answer_lengths"].max()) + 1
+    logits = gist_forward(model, batch, logits_to_keep=keep).logits  # (B, keep, vocab)
+    labels = batch["labels"][:, -keep + 1 :].to(logits.device)  # tokens at the last keep-1 positions
+    out = []
+    for row in range(labels.shape[0]):
+        valid = labels[row] != IGNORE_INDEX
+        out.append((logits[row, :-1][valid], labels[row][valid]))
+    return out
+
+
+def chunked_answer_logits(model, examples: list[EncodedExample], gist_ids: list[int], layout: str, *,
+                          answer_chunks_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example, read as compress reads it (see `chunked_answer_loss_sum`): (answer logits (A, vocab), answer
+    tokens (A,))."""
     k = len(gist_ids)
     device = next(model.parameters()).device
-    total, count = None, 0
+    out = []
     for example in examples:
         chunks, at = [], 0
         for length in example.layout.chunks:
@@ -108,8 +136,6 @@ def chunked_answer_loss_sum(model, examples: list[EncodedExample], gist_ids: lis
                        attention_mask=mask_for_model(prefix_mask(len(read.positions), len(tail)), model),
                        cache=read.cache(model), use_cache=True, logits_to_keep=answer + 1).logits[0]
         targets = torch.tensor(labels[-answer:], device=device)
-        loss = torch.nn.functional.cross_entropy(logits[:-1].float(), targets, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        total = loss if total is None else total + loss
-        count += int((targets != IGNORE_INDEX).sum())
-    return total, count
+        valid = targets != IGNORE_INDEX
+        out.append((logits[:-1][valid], targets[valid]))
+    return out

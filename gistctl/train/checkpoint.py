@@ -45,7 +45,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int], chunk_tokens: int,
                     config: dict, meta: dict, training_state: dict | None = None, positions: str = SEQUENTIAL,
-                    chunking: str = FIXED) -> Path:
+                    chunking: str = FIXED, reader: str = "gist") -> Path:
     """Write a complete checkpoint at `directory` (replacing an older one of that name)."""
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.tmp"
@@ -53,7 +53,9 @@ def save_checkpoint(directory: Path, *, peft_model, loaded, gist_ids: list[int],
     tmp.mkdir(parents=True)
     meta = dict(meta)
     meta["adapter_fingerprint"] = save_adapter(peft_model, loaded, gist_ids, chunk_tokens, tmp,
-                                               extra_meta={"trained_steps": meta.get("step")}, positions=positions,
+                                               extra_meta={"trained_steps": meta.get("step"),
+                                                           **({"reader": reader} if reader != "gist" else {})},
+                                               positions=positions,
                                                chunking=chunking)
     atomic_write_yaml(tmp / "config.yaml", config)
     atomic_write_json(tmp / "meta.json", meta)

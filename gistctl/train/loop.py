@@ -32,7 +32,7 @@ from gistctl.config import GistctlConfig
 from gistctl.data.schema import COPIED_TASKS
 from gistctl.errors import ConfigError, GistctlError
 from gistctl.gist.collate import IGNORE_INDEX, GistCollator
-from gistctl.gist.forward import chunked_answer_loss_sum, gist_forward
+from gistctl.gist.forward import batch_answer_logits, chunked_answer_logits, logits_loss_sum
 from gistctl.gist.model import GistModel
 from gistctl.train.lora import GIST_ROWS_KEY, wrap_with_lora
 from gistctl.gist.tokens import add_gist_tokens
@@ -40,7 +40,8 @@ from gistctl.gist.positions import CHUNKED_LAYOUTS
 from gistctl.models import bf16_is_native, load_model, peak_memory_bytes
 from gistctl.train.checkpoint import latest_checkpoint, prune_step_checkpoints, rng_state, save_checkpoint, set_rng_state
 from gistctl.train.state import load_training_state
-from gistctl.train.evaluate import evaluate_from_blobs
+from gistctl.train.evaluate import evaluate_from_blobs, evaluate_full_context
+from gistctl.train.objectives import FULL, FullExample, Teacher, encode_full, full_answer_logits, kl_sum
 
 KEEP_STEP_CHECKPOINTS = 2
 
@@ -91,22 +92,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over answer tokens, computing logits only for the answer positions.
-
-    Left padding puts every answer at the end, so the last A+1 positions (A = longest answer) predict them.
-    """
-    keep = int(batch["answer_lengths"].max()) + 1
-    logits = gist_forward(model, batch, logits_to_keep=keep).logits  # (B, keep, vocab)
-    labels = batch["labels"][:, -keep + 1 :].to(logits.device)  # tokens at the last keep-1 positions
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
+    """Summed cross-entropy over answer tokens, computing logits only for the answer positions."""
+    return logits_loss_sum(batch_answer_logits(model, batch))
 
 
 def micro_batch_counts(batch, pad_id: int) -> tuple[int, int]:
-    """(answer tokens, tokens read) of a collated batch, or of a list of encoded examples (compact layout)."""
+    """(answer tokens, tokens read) of a collated batch, or of a list of encoded examples (compact layout, or
+    the full reader's `FullExample`s)."""
     if isinstance(batch, list):
-        return sum(e.layout.answer for e in batch), sum(len(e.input_ids) for e in batch)
+        return (sum(e.answer if isinstance(e, FullExample) else e.layout.answer for e in batch),
+                sum(len(e.input_ids) for e in batch))
     return int((batch["labels"] != IGNORE_INDEX).sum()), int((batch["input_ids"] != pad_id).sum())
 
 
@@ -137,6 +132,11 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     model = wrap_with_lora(loaded.model, gist_ids, config.lora)
     if cfg.init_adapter:
         _load_adapter_weights(model, cfg.init_adapter, len(gist_ids))
+    full_reader = cfg.reader == FULL
+    teacher = None
+    if cfg.distill:
+        teacher = Teacher(cfg.teacher, model, loaded, model_name=config.model.name, device=str(accelerator.device),
+                          dtype=config.model.dtype or "fp32")
     gist_params = [p for n, p in model.named_parameters() if p.requires_grad and GIST_ROWS_KEY in n]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and GIST_ROWS_KEY not in n]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": gist_params, "lr": cfg.gist_lr}],
@@ -184,7 +184,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
         path = save_checkpoint(run_dir / name, peft_model=raw_model, loaded=loaded, gist_ids=gist_ids,
                                chunk_tokens=config.gist.chunk_tokens, config=config.to_dict(),
                                meta=checkpoint_meta(step), training_state=state, positions=config.gist.positions,
-                               chunking=config.gist.chunking)
+                               chunking=config.gist.chunking, reader=cfg.reader)
         if name.startswith("step-"):
             prune_step_checkpoints(run_dir, KEEP_STEP_CHECKPOINTS)
         return path
@@ -203,28 +203,44 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     try:
         for step in range(start_step, end_step):
             step_start = time.perf_counter()
-            micro_batches = []
+            micro_batches, chosen_examples = [], []
             for micro in range(cfg.grad_accum):
                 if fixed_batch is not None:
                     chosen = fixed_batch
                 else:
                     first = step * per_step + (micro * world + rank) * cfg.batch_size
                     chosen = [examples[i] for i in example_indices(len(examples), cfg.seed, first, cfg.batch_size)]
-                micro_batches.append([collator.encode(e) for e in chosen] if chunked else collator(chosen))
+                if full_reader:
+                    micro_batches.append([encode_full(loaded.tokenizer, e, cfg.max_length, spell_codes=cfg.spell_codes)
+                                          for e in chosen])
+                else:
+                    micro_batches.append([collator.encode(e) for e in chosen] if chunked else collator(chosen))
+                chosen_examples.append(chosen)
             answer_tokens = sum(micro_batch_counts(b, pad_id)[0] for b in micro_batches)
-            step_loss = 0.0
+            step_loss, step_ce, step_kl = 0.0, 0.0, 0.0
             for micro, batch in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if micro == len(micro_batches) - 1 else accelerator.no_sync(model)
                 with sync:
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        if chunked:
-                            loss_sum, _ = chunked_answer_loss_sum(model, batch, gist_ids, config.gist.positions,
-                                                                  answer_chunks_only=answer_chunks_only)
+                        if full_reader:
+                            pairs = full_answer_logits(model, batch)
+                        elif chunked:
+                            pairs = chunked_answer_logits(model, batch, gist_ids, config.gist.positions,
+                                                          answer_chunks_only=answer_chunks_only)
                         else:
-                            loss_sum, _ = answer_loss_sum(model, batch)
+                            pairs = batch_answer_logits(model, batch)
+                        ce_sum, _ = logits_loss_sum(pairs)
+                        loss_sum = ce_sum
+                        if teacher is not None:
+                            taught = teacher.answer_logits(_teacher_inputs(loaded.tokenizer, chosen_examples[micro],
+                                                                           batch, cfg, collator))
+                            kl = sum(kl_sum(t, s) for t, (s, _) in zip(taught, pairs))
+                            loss_sum = ce_sum + cfg.distill * kl
+                            step_kl += float(kl.detach()) / answer_tokens
                     loss = loss_sum / answer_tokens
                     accelerator.backward(loss)
                 step_loss += float(loss.detach())
+                step_ce += float(ce_sum.detach()) / answer_tokens
                 tokens_seen += micro_batch_counts(batch, pad_id)[1]
             if not math.isfinite(step_loss):
                 raise TrainingError(f"loss is {step_loss} at step {step + 1}; lower --lr or check the data")
@@ -242,13 +258,19 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                       "eta_s": elapsed / (done - start_step) * (end_step - done),
                       "peak_memory_bytes": peak_memory_bytes(accelerator.device), "bf16": use_bf16,
                       "truncated_examples": collator.examples_truncated}
+            if teacher is not None:
+                record["ce"], record["kl"] = step_ce, step_kl
             if grad_norm > 10:
                 record["warning"] = f"grad norm {grad_norm:.1f} > 10"
             improved = False
             if eval_examples and not overfit_steps and (done % cfg.eval_every == 0 or done == cfg.last_step):
-                gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens, adapter_fingerprint="training",
-                               positions=config.gist.positions, chunking=config.gist.chunking)
-                record["eval"] = evaluate_from_blobs(gm, eval_examples)
+                if full_reader:
+                    record["eval"] = evaluate_full_context(loaded, raw_model, eval_examples)
+                else:
+                    gm = GistModel(loaded, raw_model, gist_ids, config.gist.chunk_tokens,
+                                   adapter_fingerprint="training", positions=config.gist.positions,
+                                   chunking=config.gist.chunking)
+                    record["eval"] = evaluate_from_blobs(gm, eval_examples)
                 if best is None or record["eval"]["overall"] > best["overall"]:
                     best = {"step": done, "overall": record["eval"]["overall"], "per_task": record["eval"]["per_task"]}
                     improved = True
@@ -288,6 +310,22 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     elif end_step >= cfg.last_step:
         final_dir = save("final", cfg.last_step, with_state=False)
     return TrainResult(run_dir, final_dir, end_step, last, losses, best["overall"] if best else None)
+
+
+def _teacher_inputs(tokenizer, examples: list[dict], batch, cfg, collator) -> list[FullExample]:
+    """The micro-batch's examples as the teacher reads them: the whole of the document the student read (the
+    part of it that fitted the student's max_length), its question and the same answer tokens."""
+    if isinstance(batch, list):
+        cuts = [e.truncated_tokens for e in batch]
+    else:  # a collated batch keeps no per-example cut: encode again (cheap next to a forward), uncounted
+        counts = collator.examples_seen, collator.examples_truncated
+        cuts = [collator.encode(e).truncated_tokens for e in examples]
+        collator.examples_seen, collator.examples_truncated = counts
+    out = []
+    for example, cut in zip(examples, cuts):
+        read = len(tokenizer(example["context"], add_special_tokens=False)["input_ids"]) - cut
+        out.append(encode_full(tokenizer, example, 1 << 30, spell_codes=cfg.spell_codes, context_tokens=read))
+    return out
 
 
 def _sigterm_as_interrupt() -> None:
