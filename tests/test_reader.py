@@ -103,6 +103,20 @@ def test_reader_full_trains_a_ceiling_that_ask_method_full_uses(tiny_model_dir, 
     assert not torch.allclose(tuned_logits[: len(base_logits)], base_logits, atol=1e-3)
     answer = tuned.answer(tuned.prepare(record["context"]), QUESTION)
     assert answer.text.strip() == record["answers"][0]
+    # the CLI: `ask --method full --adapter` answers what the API answers; compress refuses a full reader
+    from typer.testing import CliRunner
+
+    from gistctl.cli.main import app
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(record["context"])
+    result = CliRunner().invoke(app, ["ask", "--method", "full", "--adapter", str(result.final_dir), "--model",
+                                      str(tiny_model_dir), "--json", str(doc), QUESTION])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["answer"] == answer.text
+    refused = CliRunner().invoke(app, ["compress", str(doc), "--adapter", str(tmp_path / "full" / "final"),
+                                       "--model", str(tiny_model_dir)])
+    assert refused.exit_code == 2 and "reads whole documents" in refused.output
 
 
 def test_distillation_adds_the_teacher_kl_to_the_answer_loss(tiny_model_dir, data_file, tmp_path):
