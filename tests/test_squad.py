@@ -94,3 +94,18 @@ def test_a_mixture_draws_squad_train_from_train_articles_and_eval_from_dev(squad
     splits = build_mix(tiny_loaded.tokenizer, recipe)
     assert {article_split(r["meta"]["article"]) for r in splits["train"]} == {"train"}
     assert {article_split(r["meta"]["article"]) for r in splits["eval"]} == {"dev"}
+
+
+def test_a_mixture_draws_continuations_from_train_articles_and_eval_from_dev(squad_file, tiny_loaded):
+    from gistctl.data.mix import build_mix, validate_recipe
+    from gistctl.errors import ConfigError
+
+    recipe = validate_recipe({"train": {"n": 6, "seed": 1}, "eval": {"n": 4, "seed": 2}, "components": [
+        {"task": "squad_continue", "weight": 1, "tokens": "300", "options": {"source": str(squad_file)}}]})
+    splits = build_mix(tiny_loaded.tokenizer, recipe)
+    assert {r["meta"]["kind"] for r in splits["train"] + splits["eval"]} == {"continuation"}
+    assert {article_split(r["meta"]["article"]) for r in splits["train"]} == {"train"}
+    assert {article_split(r["meta"]["article"]) for r in splits["eval"]} == {"dev"}
+    with pytest.raises(ConfigError, match="squad_continue needs options.source"):
+        validate_recipe({"train": {"n": 6, "seed": 1}, "eval": {"n": 4, "seed": 2},
+                         "components": [{"task": "squad_continue", "weight": 1}]})
