@@ -8,6 +8,8 @@
    batch 4 == batch 2 x accumulation 2. With compact or auto gist positions (`gist.positions`) each
    example is instead read chunk by chunk through compress's own `read_chunks`, with gradients
    (with `train.grad_chunks: answer`, only through the chunks that hold the answer: long documents).
+   With `train.reader: full` the question reads the whole document instead (no gists: the trained ceiling);
+   with `train.distill` the loss adds KL(teacher || student) on the answer tokens (gistctl.train.objectives).
 4. AdamW (LoRA lr, gist-row lr), warmup + cosine, gradient clipping, bf16 autocast where bf16 is native.
 5. Log to `metrics.jsonl`; evaluate from the compressed KV; checkpoint `step-%06d/`, `best/`, `final/`;
    with `stop_at_eval`, finish as soon as an evaluation reaches it (a curriculum phase that has learned);
