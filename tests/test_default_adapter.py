@@ -9,7 +9,7 @@ from gistctl.gist.adapter import DEFAULT_ADAPTER, SHIPPED_ADAPTERS, adapter_fing
 ADAPTER = SHIPPED_ADAPTERS / DEFAULT_ADAPTER
 
 
-@pytest.mark.parametrize("name", [DEFAULT_ADAPTER, "p0-digits"])
+@pytest.mark.parametrize("name", [DEFAULT_ADAPTER, "p0-digits", "full-reader"])
 def test_shipped_adapter_is_small_and_self_describing(name):
     adapter = SHIPPED_ADAPTERS / name
     assert (adapter / "gist.json").is_file(), f"the {name} adapter is not shipped"
@@ -20,6 +20,19 @@ def test_shipped_adapter_is_small_and_self_describing(name):
     assert sum(p.stat().st_size for p in adapter.iterdir()) < 20 * 2**20
     gist = read_adapter_meta(adapter)
     assert gist.num_gist == meta["recipe"]["gist"]["num_gist"]
+
+
+def test_full_reader_is_shipped_as_a_full_reader_and_compress_refuses_it():
+    """The trained ceiling (`train --reader full`) ships beside the gist adapters for `ask --method full|rag
+    --adapter full-reader`; as a gist adapter it is refused before any model loads."""
+    from gistctl.engine import open_gist_model
+    from gistctl.errors import DataError
+    from gistctl.gist.adapter import adapter_reader
+
+    assert adapter_reader(read_adapter_meta(SHIPPED_ADAPTERS / "full-reader")) == "full"
+    assert adapter_reader(read_adapter_meta(ADAPTER)) == "gist"
+    with pytest.raises(DataError, match="reads whole documents"):
+        open_gist_model(None, "full-reader")
 
 
 def fresh_passkeys_right(adapter: str | None, key_format: str, n: int = 3, tokens: str = "600") -> int:

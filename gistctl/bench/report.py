@@ -223,7 +223,7 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
         f"Data: `{metrics.get('data')}` ({metrics['n_examples']} examples) · model: `{metrics.get('model')}` · "
         f"device: {metrics.get('device')}", "",
         "## Summary", "", _md_table(SUMMARY_HEADERS, summary_rows(metrics)), "",
-        "Accuracy is the mean primary score (see `gistctl/bench/metrics.py`) with a 95% CI; a row that failed "
+        "Accuracy is the mean primary score (see `gistctl/scoring.py`) with a 95% CI; a row that failed "
         "(e.g. a document longer than the model's window for full context) scores 0 and counts under errors. "
         "TTFT is question time only. Peak memory is CUDA max allocated, or on CPU the peak RSS of the column's "
         "own worker process (model weights included). Ratio x (compression) = full KV cache of the document at fp16 / "
