@@ -465,3 +465,36 @@ def test_dtype_columns_store_int8_blobs(tiny_model_dir, tmp_path):
         # like for like: each blob is compared with the full KV at its own dtype
         assert b["full_kv_bytes"] * 2 == a["full_kv_bytes"]
         assert b["compression_ratio"] == pytest.approx(b["full_kv_bytes"] / b["state_bytes"])
+
+
+def test_full_lora_column_reads_with_the_reader_adapter_and_reports_retention(tiny_model_dir, tmp_path):
+    """A full+lora column runs in its worker with the reader adapter merged: its answers are those of
+    `open_text_method('full', adapter=...)`, unlike the plain full column's, and the report has retention."""
+    from gistctl.config import load_config
+    from gistctl.data.schema import read_jsonl
+    from gistctl.engine import open_text_method
+    from gistctl.train.loop import train
+
+    data = write_data(tmp_path / "set.jsonl", 2)
+    config = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "gist.num_gist": 2,
+                                "train.data": str(data), "train.batch_size": 2, "train.max_steps": 20,
+                                "train.lr": 1e-2, "train.reader": "full", "train.bf16": False, "lora.r": 4,
+                                "lora.alpha": 8})
+    reader = train(config, tmp_path / "train").final_dir
+    result = runner.invoke(app, ["bench", "--methods", "gist,full,full+lora", "--adapter", "none", "--num-gist", "2",
+                                 "--reader-adapter", str(reader), "--model", str(tiny_model_dir), "--device", "cpu",
+                                 "--max-new-tokens", "4", "--data", str(data), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = {(r["method"], r["id"]): r for r in read_rows(tmp_path / "run")}
+    tuned = open_text_method("full", model=str(tiny_model_dir), adapter=str(reader), device="cpu", max_new_tokens=4)
+    base = open_text_method("full", model=str(tiny_model_dir), device="cpu", max_new_tokens=4)
+    differs = False
+    for record in read_jsonl(data):
+        want = tuned.answer(tuned.prepare(record["context"]), record["question"]).text
+        assert rows[("full+lora", record["id"])]["prediction"] == want
+        differs |= want != base.answer(base.prepare(record["context"]), record["question"]).text
+    assert differs
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["retention"]["ceiling"] == "full+lora"
+    assert "gist[none,K=2]" in metrics["retention"]["columns"]
+    assert "retention gist[none,K=2] / full+lora" in result.output
