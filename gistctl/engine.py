@@ -166,6 +166,8 @@ def open_text_method(name: str, *, model: str | None = None, device: str | None 
         from gistctl.errors import ConfigError
 
         raise ConfigError(f"unknown method '{name}' for a text document; choose full or rag (gist needs a blob)")
+    if loaded is not None and adapter:
+        raise ValueError("an adapter is merged into the weights: load a model of its own instead of passing `loaded`")
     adapter_dir = resolve_adapter(adapter) if adapter else None
     if model is None and adapter_dir is not None:
         model = read_adapter_meta(adapter_dir).base_model

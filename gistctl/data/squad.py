@@ -59,6 +59,22 @@ def load_squad(path: str | Path) -> list[Paragraph]:
     return paragraphs
 
 
+def distractors(paragraphs: list[Paragraph], gold: Paragraph, target: int, rng: random.Random) -> list[Paragraph]:
+    """Whole paragraphs of other articles than `gold`'s, drawn with `rng`, until they and `gold` reach about
+    `target` tokens (a paragraph that would pass 110% of it is skipped once one is chosen)."""
+    others = [p for p in paragraphs if p.article != gold.article]
+    rng.shuffle(others)
+    chosen, total = [], gold.tokens
+    for p in others:
+        if total >= target:
+            break
+        if total + p.tokens > target * 1.1 and chosen:
+            continue
+        chosen.append(p)
+        total += p.tokens
+    return chosen
+
+
 def build_squad(tokenizer, *, source: str | Path, n: int, seed: int, tokens: LengthSpec, split: str = "train",
                 unanswerable: float = 0.0) -> Iterator[dict]:
     """`n` questions of the split's articles, each in a context of about its target tokens: the gold paragraph at a
@@ -89,16 +105,7 @@ def build_squad(tokenizer, *, source: str | Path, n: int, seed: int, tokens: Len
             raise DataError(f"the {split} split has only {len(answerable)} answerable and {len(impossible)} "
                             f"unanswerable questions; ask for fewer") from None
         target = tokens.target(i, rng)
-        others = [p for p in paragraphs if p.article != gold.article]
-        rng.shuffle(others)
-        chosen, total = [], gold.tokens
-        for p in others:
-            if total >= target:
-                break
-            if total + p.tokens > target * 1.1 and chosen:
-                continue
-            chosen.append(p)
-            total += p.tokens
+        chosen = distractors(paragraphs, gold, target, rng)
         at = rng.randint(0, len(chosen))
         parts = [p.text for p in chosen[:at]] + [gold.text] + [p.text for p in chosen[at:]]
         context = "\n\n".join(parts)
@@ -151,16 +158,7 @@ def build_squad_continuation(tokenizer, *, source: str | Path, n: int, seed: int
         words = sentences[stop].split()
         answer = " ".join(words[:CONTINUATION_WORDS])
         target = tokens.target(i, rng)
-        others = [p for p in paragraphs if p.article != gold.article]
-        rng.shuffle(others)
-        chosen, total = [], gold.tokens
-        for p in others:
-            if total >= target:
-                break
-            if total + p.tokens > target * 1.1 and chosen:
-                continue
-            chosen.append(p)
-            total += p.tokens
+        chosen = distractors(paragraphs, gold, target, rng)
         context = "\n\n".join([p.text for p in chosen] + [head])
         measured = count_tokens_batch(tokenizer, [context])[0]
         meta = {"target_tokens": target, "context_tokens": measured, "split": split, "article": gold.article,
