@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,8 +22,9 @@ from gistctl import prompt
 from gistctl.errors import ConfigError, DataError
 from gistctl.gist.collate import trained_answer
 
-GIST, FULL = "gist", "full"
-READERS = (GIST, FULL)
+from gistctl.config import READERS
+
+GIST, FULL = READERS
 BASE_TEACHER = "base"  # the base model with the LoRA switched off
 
 
@@ -94,8 +94,6 @@ class Teacher:
             from gistctl.gist.model import load_gist_model
             from gistctl.models import load_model
 
-            if not (Path(spec) / "adapter_model.safetensors").is_file():
-                raise ConfigError(f"train.teacher: '{spec}' is neither 'base' nor an adapter directory")
             if read_adapter_meta(spec).extra.get("reader", GIST) != FULL:
                 raise ConfigError(f"train.teacher: '{spec}' is a gist reader; a teacher reads whole documents "
                                   "(train one with --reader full, or use 'base')")
