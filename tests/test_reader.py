@@ -31,7 +31,7 @@ def test_full_reader_prompt_is_the_one_ask_method_full_builds(tiny_loaded):
     assert short.input_ids[-len(answer):] == answer and short.truncated_tokens >= 10
     # what a student read: its first N document tokens
     context = prompt.context_ids(tok, example["context"])
-    read = encode_full(tok, example, 4096, context_tokens=7)
+    read = encode_full(tok, example, 4096, cut=len(context) - 7)
     assert read.input_ids == prompt.with_context_ids(tok, tok.decode(context[:7]), QUESTION) + answer
     with pytest.raises(DataError, match="more than max_length"):
         encode_full(tok, example, 5)

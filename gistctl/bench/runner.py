@@ -182,12 +182,13 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
                           "`gistctl train --reader full`)")
     if reader_adapter and not readers:
         raise ConfigError("--reader-adapter is used by the full+lora and rag+lora columns; add one to --methods")
+    if readers:
+        from gistctl.gist.adapter import adapter_fingerprint
+
+        reader_fingerprint = adapter_fingerprint(resolve_adapter(reader_adapter))
     for kind in kinds:
         if kind in READER_KINDS:
-            from gistctl.gist.adapter import adapter_fingerprint
-
-            path = resolve_adapter(reader_adapter)
-            specs.append(MethodSpec(kind, READER_KINDS[kind], reader_adapter, adapter_fingerprint=adapter_fingerprint(path)))
+            specs.append(MethodSpec(kind, READER_KINDS[kind], reader_adapter, adapter_fingerprint=reader_fingerprint))
         elif kind != "gist":
             specs.append(MethodSpec(kind, kind))
     return specs

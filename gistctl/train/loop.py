@@ -33,7 +33,7 @@ import torch
 from gistctl.config import GistctlConfig
 from gistctl.data.schema import COPIED_TASKS
 from gistctl.errors import ConfigError, GistctlError
-from gistctl.gist.collate import IGNORE_INDEX, GistCollator
+from gistctl.gist.collate import IGNORE_INDEX, GistCollator, collate_encoded
 from gistctl.gist.forward import batch_answer_logits, chunked_answer_logits, logits_loss_sum
 from gistctl.gist.model import GistModel
 from gistctl.train.lora import GIST_ROWS_KEY, wrap_with_lora
@@ -205,7 +205,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     try:
         for step in range(start_step, end_step):
             step_start = time.perf_counter()
-            micro_batches, chosen_examples = [], []
+            micro_batches, taught_inputs = [], []
             for micro in range(cfg.grad_accum):
                 if fixed_batch is not None:
                     chosen = fixed_batch
@@ -216,8 +216,12 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                     micro_batches.append([encode_full(loaded.tokenizer, e, cfg.max_length, spell_codes=cfg.spell_codes)
                                           for e in chosen])
                 else:
-                    micro_batches.append([collator.encode(e) for e in chosen] if chunked else collator(chosen))
-                chosen_examples.append(chosen)
+                    encoded = [collator.encode(e) for e in chosen]
+                    micro_batches.append(encoded if chunked else collate_encoded(encoded, pad_id))
+                    # what the teacher reads: the same documents, cut where the student's were
+                    taught_inputs.append([encode_full(loaded.tokenizer, e, 1 << 30, spell_codes=cfg.spell_codes,
+                                                      cut=x.truncated_tokens) for e, x in zip(chosen, encoded)]
+                                         if teacher is not None else None)
             answer_tokens = sum(micro_batch_counts(b, pad_id)[0] for b in micro_batches)
             step_loss, step_ce, step_kl = 0.0, 0.0, 0.0
             for micro, batch in enumerate(micro_batches):
@@ -234,8 +238,7 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
                         ce_sum, _ = logits_loss_sum(pairs)
                         loss_sum = ce_sum
                         if teacher is not None:
-                            taught = teacher.answer_logits(_teacher_inputs(loaded.tokenizer, chosen_examples[micro],
-                                                                           batch, cfg, collator))
+                            taught = teacher.answer_logits(taught_inputs[micro])
                             kl = sum(kl_sum(t, s) for t, (s, _) in zip(taught, pairs))
                             loss_sum = ce_sum + cfg.distill * kl
                             step_kl += float(kl.detach()) / answer_tokens
@@ -312,22 +315,6 @@ def train(config: GistctlConfig, run_dir: str | Path, *, resume: bool = False, s
     elif end_step >= cfg.last_step:
         final_dir = save("final", cfg.last_step, with_state=False)
     return TrainResult(run_dir, final_dir, end_step, last, losses, best["overall"] if best else None)
-
-
-def _teacher_inputs(tokenizer, examples: list[dict], batch, cfg, collator) -> list[FullExample]:
-    """The micro-batch's examples as the teacher reads them: the whole of the document the student read (the
-    part of it that fitted the student's max_length), its question and the same answer tokens."""
-    if isinstance(batch, list):
-        cuts = [e.truncated_tokens for e in batch]
-    else:  # a collated batch keeps no per-example cut: encode again (cheap next to a forward), uncounted
-        counts = collator.examples_seen, collator.examples_truncated
-        cuts = [collator.encode(e).truncated_tokens for e in examples]
-        collator.examples_seen, collator.examples_truncated = counts
-    out = []
-    for example, cut in zip(examples, cuts):
-        read = len(tokenizer(example["context"], add_special_tokens=False)["input_ids"]) - cut
-        out.append(encode_full(tokenizer, example, 1 << 30, spell_codes=cfg.spell_codes, context_tokens=read))
-    return out
 
 
 def _sigterm_as_interrupt() -> None:

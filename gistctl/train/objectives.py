@@ -38,14 +38,14 @@ class FullExample:
 
 
 def encode_full(tokenizer, example: dict, max_length: int, *, spell_codes: bool = False,
-                context_tokens: int | None = None) -> FullExample:
+                cut: int = 0) -> FullExample:
     """`example` in the full reader's prompt. The document is cut at its end to fit `max_length` or, when given,
-    to its first `context_tokens` tokens (what a gist student read of it, so teacher and student see one text)."""
+    without its last `cut` tokens (what a gist student's max_length cut, so teacher and student read one text)."""
     answer_ids = prompt.answer_ids(tokenizer, trained_answer(example), spell_codes=spell_codes)
     question = example["question"]
     context = prompt.context_ids(tokenizer, example["context"])
     overhead = len(prompt.with_context_ids(tokenizer, "", question)) + len(answer_ids)
-    keep = len(context) if context_tokens is None else min(context_tokens, len(context))
+    keep = max(0, len(context) - cut)
     keep = min(keep, max_length - overhead)
     if keep <= 0:
         raise DataError(f"example {example.get('id', '?')}: question + answer alone take {overhead} tokens, "
