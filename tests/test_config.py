@@ -73,9 +73,9 @@ def test_default_curriculum_config_loads(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
     config = load_config("configs/default.yaml")
-    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long", "p4-auto", "p5-aggregate"]
+    assert [p.name for p in config.phases] == ["p1-alnum6", "p2-mix", "p3-long", "p4-auto", "p5-aggregate", "p12-squad"]
     assert Path(config.train.init_adapter, "adapter_model.safetensors").is_file()  # the shipped phase-0 adapter
-    assert config.total_steps() == sum(p.train.get("stop_at_step", p.train["max_steps"]) for p in config.phases) == 1000
+    assert config.total_steps() == sum(p.train.get("stop_at_step", p.train["max_steps"]) for p in config.phases) == 1150
     seeds = [load_recipe(p.recipe) for p in config.phases]
     train_seeds = {r["train"]["seed"] for r in seeds}
     eval_seeds = {r["eval"]["seed"] for r in seeds}
@@ -98,7 +98,8 @@ def test_round_trip_through_dict():
 
 def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
     """Each curriculum config in configs/ loads; the mixtures its phases build draw from seeds no other
-    recipe uses and never from the bench sets'."""
+    recipe uses and never from the bench sets'. Two recipes may share an eval split only when it is the same
+    split (same seed, size and components: one held-out set to compare runs on), never a train seed."""
     from pathlib import Path
 
     import yaml
@@ -113,8 +114,13 @@ def test_every_config_loads_and_no_recipe_shares_seeds(monkeypatch):
         for phase in load_config(path).phases:
             recipes[phase.recipe] = load_recipe(phase.recipe)
     assert "configs/recipes/data_mix_long.yaml" in recipes
-    seeds = [r[split]["seed"] for r in recipes.values() for split in ("train", "eval")]
-    assert len(seeds) == len(set(seeds))
+    train_seeds = [r["train"]["seed"] for r in recipes.values()]
+    assert len(train_seeds) == len(set(train_seeds))
+    evals = {}  # eval seed -> the split it builds
+    for r in recipes.values():
+        split = (r["eval"]["n"], yaml.safe_dump(r["components"], sort_keys=True))
+        assert evals.setdefault(r["eval"]["seed"], split) == split, f"eval seed {r['eval']['seed']} builds two splits"
+    assert not set(train_seeds) & set(evals)
     # component c of a split is built with seed split_seed * 100 + c (gistctl/data/mix.py)
     built = {r[split]["seed"] * 100 + c for r in recipes.values() for split in ("train", "eval")
              for c in range(len(r["components"]))}
