@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from gistctl import prompt
+from gistctl.config import READERS
 from gistctl.errors import ConfigError, DataError
 from gistctl.gist.collate import trained_answer
-
-from gistctl.config import READERS
 
 GIST, FULL = READERS
 BASE_TEACHER = "base"  # the base model with the LoRA switched off
