@@ -6,6 +6,10 @@
     blob.save("doc.kv")                         # atomic write; returns the file size in bytes
     ans = gc.ask("doc.kv", "Who keeps the lighthouse?")   # a path or a Blob; a list of questions -> a list
     print(ans.text, ans.ttft_ms)
+    blob = gc.compress(text, press="kvzip", ratio=0.9375)  # a press blob: 1 in 16 of the reader's own KV entries
+
+Press blobs are read and asked by the shipped `full-reader` (`load(reader=...)` for another, "none" for the base
+model), gist blobs by the gist adapter; `ask` picks the one the blob was made with.
 
 The CLI (`compress`, `ask`, `demo`) and the bench's gist column go through `Gistctl`; full context and RAG
 over the base model through `open_text_method`.
@@ -32,11 +36,23 @@ from gistctl.models import load_model, peak_memory_bytes
 Blob = GistBlob
 
 
-class Gistctl:
-    """A loaded base model + gist adapter: `compress` documents, `ask` their blobs."""
+DEFAULT_READER = "full-reader"  # the shipped full-context reader: presses, full and rag read with it by default
 
-    def __init__(self, gist_model: GistModel):
+
+class Gistctl:
+    """A loaded base model + gist adapter: `compress` documents, `ask` their blobs. Press blobs go through the
+    reader (`reader_model`, opened on first use from `reader`, a shipped name, a directory or "none")."""
+
+    def __init__(self, gist_model: GistModel, reader_model: GistModel | None = None, reader: str = DEFAULT_READER):
         self.gist_model = gist_model
+        self.reader_model = reader_model
+        self.reader = reader
+
+    def _reader(self) -> GistModel:
+        if self.reader_model is None:
+            loaded = self.gist_model.loaded
+            self.reader_model = open_reader_model(loaded.name, self.reader, device=str(loaded.device))
+        return self.reader_model
 
     @property
     def num_gist(self) -> int:
@@ -48,11 +64,28 @@ class Gistctl:
         """Longest chunk (in tokens) read before each K gists."""
         return self.gist_model.chunk_tokens
 
-    def compress(self, text: str, *, dtype: str = "fp16",
-                 on_chunk: Callable[[int, int], None] | None = None) -> Blob:
-        """Read `text` once; keep only its gists' KV. `dtype`: fp16, bf16 or fp32 (the stored tensors).
-        `on_chunk(done, total)` is called after each chunk. `blob.stats` has tokens, chunks and seconds."""
-        blob, stats = compress_document(self.gist_model, text, dtype=dtype, on_chunk=on_chunk)
+    def compress(self, text: str, *, dtype: str = "fp16", on_chunk: Callable[[int, int], None] | None = None,
+                 press: str | None = None, ratio: float | None = None, budget: str = "global") -> Blob:
+        """Read `text` once; keep only its gists' KV. `dtype`: fp16, bf16, fp32 or int8 (the stored tensors).
+        `on_chunk(done, total)` is called after each chunk. `blob.stats` has tokens, chunks and seconds.
+
+        `press` (kvzip, snapkv, streaming, knorm, none): instead of gists, the reader's own cache of the document
+        with a fraction `ratio` of its entries removed (0.9375 keeps 1 in 16; default 0.9375, 0 for none), under a
+        `budget`: global (one threshold over every head) or uniform (the same count per head)."""
+        if press is None:
+            if ratio is not None:
+                raise DataError("ratio is a press setting; give press= too (kvzip, snapkv, streaming, knorm, none)")
+            if adapter_reader_kind(self.gist_model) != "gist":
+                raise DataError("this model reads whole documents, not gists; compress with a press "
+                                "(press='kvzip', ratio=0.9375)")
+            blob, stats = compress_document(self.gist_model, text, dtype=dtype, on_chunk=on_chunk)
+        else:
+            from gistctl.kv.press import check_press_ratio, compress_with_press
+
+            ratio = (0.0 if press == "none" else 0.9375) if ratio is None else ratio
+            check_press_ratio(press, ratio)
+            model = self.gist_model if adapter_reader_kind(self.gist_model) != "gist" else self._reader()
+            blob, stats = compress_with_press(model, text, press=press, ratio=ratio, budget=budget, dtype=dtype)
         blob.stats = stats
         return blob
 
@@ -63,39 +96,78 @@ class Gistctl:
         One question -> one `Answer` (`.text`, `.ttft_ms` in milliseconds, ...); a list -> a list."""
         given = list(blob) if isinstance(blob, (list, tuple)) else [blob]
         blobs = [item if isinstance(item, GistBlob) else read_blob(item) for item in given]
-        check_blobs_for_model(blobs, self.gist_model,
+        model = self._model_for(blobs)
+        check_blobs_for_model(blobs, model,
                               [f"blob '{item}'" if not isinstance(item, GistBlob) else "blob" for item in given])
         questions = [question] if isinstance(question, str) else list(question)
         if not questions:
             raise DataError("give at least one question")
         for q in questions:  # all refused before any is answered
             prompt.check_question(q)
-        answers = [self._answer(blobs, q, max_new_tokens) for q in questions]
+        answers = [self._answer(model, blobs, q, max_new_tokens) for q in questions]
         return answers[0] if isinstance(question, str) else answers
 
-    def _answer(self, blobs: list[Blob], question: str, max_new_tokens: int) -> Answer:
-        gen = answer_from_blobs(self.gist_model, blobs, question, max_new_tokens=max_new_tokens)
+    def _model_for(self, blobs: list[Blob]) -> GistModel:
+        """The gist model, unless the blobs are press blobs made by the reader (then the reader, opened once)."""
+        if not blobs or blobs[0].meta.press is None or \
+                blobs[0].meta.adapter_fingerprint == self.gist_model.adapter_fingerprint:
+            return self.gist_model
+        return self._reader()
+
+    def _answer(self, model: GistModel, blobs: list[Blob], question: str, max_new_tokens: int) -> Answer:
+        gen = answer_from_blobs(model, blobs, question, max_new_tokens=max_new_tokens)
         return Answer(gen.text, gen.ttft_s * 1000, gen.decode_tokens_per_s, gen.prompt_tokens,
-                      peak_memory_bytes(self.gist_model.loaded.device))
+                      peak_memory_bytes(model.loaded.device))
+
+
+def adapter_reader_kind(gm: GistModel) -> str:
+    """gist (a gist adapter or untrained gists) or full (a reader adapter, or the base model with no gists)."""
+    if gm.adapter_dir is None:
+        return "gist" if gm.gist_ids else "full"
+    return adapter_reader(read_adapter_meta(gm.adapter_dir))
+
+
+def open_reader_model(model: str | None, reader: str | None = DEFAULT_READER, *, device: str | None = None,
+                      dtype: str | None = None, load_in_4bit: bool = False) -> GistModel:
+    """The model presses read with: the base model with a full-context reader merged in (default: the shipped
+    `full-reader`), or the base model as it is (`reader` "none")."""
+    adapter_dir = resolve_adapter(reader or DEFAULT_READER)
+    if adapter_dir is not None and adapter_reader(read_adapter_meta(adapter_dir)) != "full":
+        raise DataError(f"adapter '{reader}' is a gist adapter; presses read with a full-context reader "
+                        f"(`gistctl train --reader full`; the shipped one is {DEFAULT_READER}) or none")
+    if model is None and adapter_dir is not None:
+        model = read_adapter_meta(adapter_dir).base_model
+    loaded = load_model(model, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
+    if adapter_dir is None:
+        return load_gist_model(loaded, None, num_gist=0)
+    return load_gist_model(loaded, adapter_dir)
 
 
 def load(model: str | None = None, adapter: str | None = None, *, device: str | None = None,
          dtype: str | None = None, load_in_4bit: bool = False, num_gist: int | None = None,
-         chunk_tokens: int | None = None, positions: str | None = None, chunking: str | None = None) -> Gistctl:
+         chunk_tokens: int | None = None, positions: str | None = None, chunking: str | None = None,
+         reader: str = DEFAULT_READER) -> Gistctl:
     """Load a base model and gist adapter once.
 
     `model`: a Hugging Face id or local directory; default: the adapter's base (the embedded
     SmolLM2-135M-Instruct for the shipped adapters). `adapter`: a directory or a shipped adapter's name;
     default: the shipped `default`; "none": untrained gist tokens (needs `num_gist`). `chunk_tokens`,
-    `positions`, `chunking` override how the adapter reads documents."""
+    `positions`, `chunking` override how the adapter reads documents. `reader`: what press blobs read with
+    (opened when a press is first used)."""
     return Gistctl(open_gist_model(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device,
-                                   dtype=dtype, load_in_4bit=load_in_4bit, positions=positions, chunking=chunking))
+                                   dtype=dtype, load_in_4bit=load_in_4bit, positions=positions, chunking=chunking),
+                   reader=reader)
 
 
 def load_for_blob(blob: str | Path | BlobMeta, *, model: str | None = None, adapter: str | None = None,
                   device: str | None = None) -> Gistctl:
     """The model + adapter a blob was made with (its metadata), unless overridden."""
     meta = blob if isinstance(blob, BlobMeta) else read_blob_meta(blob)
+    if meta.press is not None:  # the reader that prefilled it
+        if adapter is None and meta.adapter and shipped_adapter_dir(meta.adapter):
+            adapter = str(shipped_adapter_dir(meta.adapter))
+        gm = open_reader_model(model or meta.model_id, adapter or meta.adapter or "none", device=device)
+        return Gistctl(gm, gm)
     if adapter is None and meta.adapter and shipped_adapter_dir(meta.adapter):
         adapter = str(shipped_adapter_dir(meta.adapter))  # a recorded shipped name, never a folder of that name here
     return Gistctl(open_gist_model(model or meta.model_id, adapter or meta.adapter or "none",

@@ -1,7 +1,9 @@
 """The one prompt template and decoding settings shared by every method, training and evaluation.
 
 - gist:  [document tokens][gists] + chat(question) -> answer + end-of-turn
-- full / rag: chat(document or retrieved chunks + "\\n\\n" + question) -> answer
+- full / rag / presses: chat(document or retrieved chunks + "\\n\\n" + question) -> answer, tokenized as two
+  parts, `document_turn_ids` (the template's head + the document) then `question_turn_ids` ("\\n\\n" + question +
+  the template's tail), so a press can prefill the first part once and ask with the second exactly as full does.
 `chat(x)` is the tokenizer's chat template for one user turn with the generation prompt appended.
 """
 
@@ -78,9 +80,34 @@ def answer_ids(tokenizer, answer: str, *, spell_codes: bool = False) -> list[int
     return ids + [tokenizer.eos_token_id]
 
 
+_SLOT = "\x00gistctl-document\x00"
+
+
+def chat_parts(tokenizer) -> tuple[str, str]:
+    """(head, tail): the chat template's text before and after one user turn's content, generation prompt
+    included in the tail."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True,
+                                         tokenize=False)
+    head, tail = text.split(_SLOT)
+    return head, tail
+
+
+def document_turn_ids(tokenizer, context: str) -> list[int]:
+    """The template's head and the document (trailing whitespace dropped): what a press prefills once."""
+    head, _ = chat_parts(tokenizer)
+    return tokenizer(head + context.rstrip(), add_special_tokens=False)["input_ids"]
+
+
+def question_turn_ids(tokenizer, question: str) -> list[int]:
+    """What follows the document in the same user turn: the question and the template's tail."""
+    _, tail = chat_parts(tokenizer)
+    return tokenizer(f"\n\n{check_question(question)}{tail}", add_special_tokens=False)["input_ids"]
+
+
 def with_context_ids(tokenizer, context: str, question: str) -> list[int]:
-    """Prompt for methods that put text in front of the model at question time (full, rag)."""
-    return chat_ids(tokenizer, f"{context}\n\n{check_question(question)}")
+    """Prompt for methods that put text in front of the model at question time (full, rag): the document's turn
+    and the question's, tokenized apart, so a press blob of the same document continues exactly this prompt."""
+    return document_turn_ids(tokenizer, context) + question_turn_ids(tokenizer, question)
 
 
 def stop_ids(model, tokenizer) -> set[int]:

@@ -39,9 +39,10 @@ def default_store_dir() -> Path:
     return Path(os.environ.get("GISTCTL_STORE") or cache_dir() / "store")
 
 
-def document_id(text: str, gist_model, dtype: str = "fp16") -> str:
-    """32 hex digits: sha256 of the document and of how it is read (model, adapter, K, chunks, layout, dtype)."""
-    payload = {"document_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+def document_id(text: str, gist_model, dtype: str = "fp16", press: dict | None = None) -> str:
+    """32 hex digits: sha256 of the document and of how it is read (model, adapter, K, chunks, layout, dtype; a
+    press blob: the press, ratio and budget)."""
+    payload = {**({"press": press} if press else {}),"document_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                "model_fingerprint": gist_model.loaded.fingerprint,
                "adapter_fingerprint": gist_model.adapter_fingerprint, "num_gist": gist_model.num_gist,
                "chunk_tokens": gist_model.chunk_tokens, "chunking": gist_model.chunking,
@@ -141,9 +142,14 @@ class BlobStore:
                 pass
         return removed
 
-    def compress(self, gc, text: str, *, name: str | None = None, dtype: str = "fp16") -> tuple[StoreEntry, bool]:
-        """(entry, whether it was compressed now): a document already in the store is not compressed again."""
-        doc_id = document_id(text, gc.gist_model, dtype)
+    def compress(self, gc, text: str, *, name: str | None = None, dtype: str = "fp16", press: str | None = None,
+                 ratio: float | None = None, budget: str = "global") -> tuple[StoreEntry, bool]:
+        """(entry, whether it was compressed now): a document already in the store is not compressed again.
+        `press`/`ratio`/`budget`: a press blob (`Gistctl.compress`)."""
+        settings = {"press": press, "ratio": ratio, "budget": budget} if press else None
+        doc_id = document_id(text, gc.gist_model, dtype, settings)
         if doc_id in self:
             return self.entry(doc_id), False
-        return self.put(doc_id, gc.compress(text, dtype=dtype), name), True
+        blob = gc.compress(text, dtype=dtype, press=press, ratio=ratio, budget=budget) if press else \
+            gc.compress(text, dtype=dtype)
+        return self.put(doc_id, blob, name), True

@@ -166,7 +166,7 @@ def test_several_documents_read_as_each_alone_when_one_is_given(tiny_gc):
     assert a.meta.next_position != b.meta.next_position  # one of them is moved
     alone = answer_from_blob(tiny_gc.gist_model, a, "Who keeps it?", max_new_tokens=5)
     assert tiny_gc.ask([a], "Who keeps it?", max_new_tokens=5).text == alone.text
-    cache, entries, first = blobs_cache([a, b], tiny_gc.gist_model.model)
+    cache, entries, first, _ = blobs_cache([a, b], tiny_gc.gist_model.model)
     assert entries == a.meta.total_gists + b.meta.total_gists
     assert first == max(a.meta.next_position, b.meta.next_position)
     layer0 = cache.layers[0].keys[0]  # (kv_heads, entries, head_dim)

@@ -52,6 +52,8 @@ def load_gist_model(loaded: LoadedModel, adapter_dir: str | Path | None = None, 
     if adapter_dir is None:
         if num_gist is None:
             raise ValueError("give an adapter directory or num_gist")
+        if num_gist == 0:  # the base model as it is: a press's reader with no adapter
+            return GistModel(loaded, loaded.model, [], chunk_tokens)
         gist_ids = add_gist_tokens(loaded.model, loaded.tokenizer, num_gist)
         return GistModel(loaded, loaded.model, gist_ids, chunk_tokens)
     adapter_dir = Path(adapter_dir)

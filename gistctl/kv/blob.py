@@ -1,7 +1,9 @@
-"""The gist KV blob: a safetensors file with the gist positions' keys/values and self-describing metadata.
+"""The KV blob: a safetensors file with the kept keys/values and self-describing metadata.
 
-Tensors: `keys`, `values`, each (layers, kv_heads, K_total, head_dim) with K_total = K x chunks
-(GQA models store KV heads, not attention heads). Metadata: one JSON string under the key `gistctl`
+Gist blobs: `keys`, `values`, each (layers, kv_heads, K_total, head_dim) with K_total = K x chunks
+(GQA models store KV heads, not attention heads). Press blobs (`meta.press` set): the entries a press kept,
+ragged: `keys`, `values` each (sum of kept_counts, head_dim), layer by layer and head by head in position order,
+`meta.kept_counts` (layers x kv_heads) saying how many each head kept; no padding on disk. Metadata: one JSON string under the key `gistctl`
 (safetensors metadata is str -> str), see `BlobMeta`. Written atomically; read back with full validation.
 """
 
@@ -30,7 +32,9 @@ from gistctl.runs import atomic_write_bytes, utc_now
 if TYPE_CHECKING:
     from gistctl.kv.compress import CompressStats
 
-FORMAT_VERSION = 2  # 2: `checksum` covers the metadata and the tensors; 1 (gistctl < 0.2): the tensors only
+FORMAT_VERSION = 3  # 3: press blobs (press, ratio, budget, prefix_tokens, kept_counts); 2: gist blobs only;
+# 1 (gistctl < 0.2): the checksum covered the tensors only
+ADDED_IN_3 = ("press", "ratio", "budget", "prefix_tokens", "kept_counts")
 META_KEY = "gistctl"
 BLOB_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 SCALE_DTYPE = torch.float16  # int8 blobs: keys scaled per channel, values per gist (KIVI's split), scales in fp16
@@ -58,6 +62,11 @@ class BlobMeta:
     head_dim: int
     positions: str = SEQUENTIAL  # the gist layout (gistctl.gist.positions); blobs before it were sequential
     chunking: str = FIXED  # how the document was split into chunks (gistctl.gist.chunks); blobs before it: fixed
+    press: str | None = None  # the press that chose the entries (gistctl.kv.presses); None: a gist blob
+    ratio: float = 0.0  # press blobs: the fraction of the prefilled entries removed
+    budget: str | None = None  # press blobs: global (one threshold over all heads) or uniform (a count per head)
+    prefix_tokens: int = 0  # press blobs: entries per head before the press (the template's head + the document)
+    kept_counts: list[list[int]] | None = None  # press blobs: entries kept per (layer, KV head)
     checksum: str = ""  # sha256 of the tensors' bytes and of every other metadata field (`blob_checksum`)
     format_version: int = FORMAT_VERSION
     gistctl_version: str = __version__
@@ -66,6 +75,18 @@ class BlobMeta:
     @property
     def total_gists(self) -> int:
         return self.num_gist * self.num_chunks
+
+    @property
+    def kept_entries(self) -> int:
+        """Entries stored over all layers and heads (a gist blob: gists x layers x kv_heads)."""
+        if self.press is not None:
+            return sum(map(sum, self.kept_counts))
+        return self.total_gists * self.layers * self.kv_heads
+
+    @property
+    def kept_fraction(self) -> float:
+        """Stored entries / the entries of the document's full cache (layers x kv_heads x document tokens)."""
+        return self.kept_entries / (self.layers * self.kv_heads * self.document_tokens)
 
     @property
     def full_kv_bytes(self) -> int:
@@ -89,9 +110,8 @@ class GistBlob:
     value_scales: torch.Tensor | None = None
     stats: CompressStats | None = field(default=None, compare=False, repr=False)  # set by compress, not stored
 
-    def shape(self) -> tuple[int, int, int, int]:
-        m = self.meta
-        return (m.layers, m.kv_heads, m.total_gists, m.head_dim)
+    def shape(self) -> tuple[int, ...]:
+        return stored_shape(self.meta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the file stores, in checksum order."""
@@ -106,11 +126,30 @@ class GistBlob:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def float_kv(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) as floats of `dtype`, dequantized when the blob is int8."""
+        """(keys, values) as stored (see `shape`) as floats of `dtype`, dequantized when the blob is int8."""
         if self.key_scales is None:
             return self.keys.to(dtype), self.values.to(dtype)
-        return ((self.keys.float() * self.key_scales.float()).to(dtype),
-                (self.values.float() * self.value_scales.float()).to(dtype))
+        key_scales = self.key_scales.float()
+        if self.meta.press is not None:  # one scale row per (layer, head), repeated over that head's entries
+            key_scales = key_scales.flatten(0, 1).repeat_interleave(_counts(self.meta), dim=0)
+        return ((self.keys.float() * key_scales).to(dtype), (self.values.float() * self.value_scales.float()).to(dtype))
+
+    def padded_kv(self, dtype: torch.dtype = torch.float32):
+        """(keys, values, keep) for a cache: keys/values (layers, kv_heads, entries, head_dim); keep (layers, kv_heads,
+        entries) bool marks real entries, None when every entry is real (gist blobs). A press blob's heads are
+        padded to the longest head's count (memory only; the file holds no padding)."""
+        keys, values = self.float_kv(dtype)
+        if self.meta.press is None:
+            return keys, values, None
+        m = self.meta
+        counts = _counts(m)
+        longest = int(counts.max())
+        keep = torch.arange(longest)[None] < counts[:, None]  # (layers x kv_heads, longest)
+        padded_k = keys.new_zeros(m.layers * m.kv_heads, longest, m.head_dim)
+        padded_v = values.new_zeros(m.layers * m.kv_heads, longest, m.head_dim)
+        padded_k[keep], padded_v[keep] = keys, values
+        shape = (m.layers, m.kv_heads, longest)
+        return padded_k.view(*shape, m.head_dim), padded_v.view(*shape, m.head_dim), keep.view(shape)
 
     def save(self, path: str | Path) -> int:
         """Write the blob to `path` atomically (safetensors + metadata); returns the file size in bytes."""
@@ -120,6 +159,33 @@ class GistBlob:
     def load(cls, path: str | Path) -> "GistBlob":
         """Read and validate a blob file (format, shapes, checksum)."""
         return read_blob(path)
+
+
+def _counts(meta: BlobMeta) -> torch.Tensor:
+    """(layers x kv_heads,) kept entries per head, layer-major."""
+    return torch.tensor(meta.kept_counts, dtype=torch.long).flatten()
+
+
+def stored_shape(meta: BlobMeta) -> tuple[int, ...]:
+    """Shape of the stored keys and values: (layers, kv_heads, K x chunks, head_dim), or (kept entries, head_dim)
+    for a press blob."""
+    if meta.press is not None:
+        return (meta.kept_entries, meta.head_dim)
+    return (meta.layers, meta.kv_heads, meta.total_gists, meta.head_dim)
+
+
+def quantize_ragged_int8(keys: torch.Tensor, values: torch.Tensor, counts: list[list[int]]):
+    """int8 for a press blob's ragged (entries, head_dim) keys/values: keys per channel within each (layer, head)
+    -> key_scales (layers, kv_heads, head_dim); values per entry -> value_scales (entries, 1)."""
+    flat = [c for row in counts for c in row]
+    parts = torch.split(keys.float(), flat)
+    key_scales = torch.stack([(p.abs().amax(dim=0) if len(p) else torch.zeros(keys.shape[-1])) / 127
+                              for p in parts]).clamp(min=1e-8).to(SCALE_DTYPE)
+    scale_rows = key_scales.float().repeat_interleave(torch.tensor(flat), dim=0)
+    qk = (keys.float() / scale_rows).round().clamp(-127, 127).to(torch.int8)
+    value_scales = (values.float().abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8).to(SCALE_DTYPE)
+    qv = (values.float() / value_scales.float()).round().clamp(-127, 127).to(torch.int8)
+    return qk, qv, key_scales.view(len(counts), len(counts[0]), -1), value_scales
 
 
 def quantize_int8(keys: torch.Tensor, values: torch.Tensor):
@@ -180,9 +246,12 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def _check_shapes(meta: BlobMeta, stored: dict[str, torch.Tensor], where: str) -> None:
-    expected = (meta.layers, meta.kv_heads, meta.total_gists, meta.head_dim)
-    scales = {"key_scales": (meta.layers, meta.kv_heads, 1, meta.head_dim),
-              "value_scales": (meta.layers, meta.kv_heads, meta.total_gists, 1)}
+    expected = stored_shape(meta)
+    if meta.press is not None:
+        scales = {"key_scales": (meta.layers, meta.kv_heads, meta.head_dim), "value_scales": (meta.kept_entries, 1)}
+    else:
+        scales = {"key_scales": (meta.layers, meta.kv_heads, 1, meta.head_dim),
+                  "value_scales": (meta.layers, meta.kv_heads, meta.total_gists, 1)}
     wanted = {"keys", "values", *(scales if meta.dtype == "int8" else ())}
     if set(stored) != wanted:
         raise BlobError(f"{where}: holds tensors {', '.join(sorted(stored))}; a {meta.dtype} blob holds "
@@ -193,8 +262,10 @@ def _check_shapes(meta: BlobMeta, stored: dict[str, torch.Tensor], where: str) -
     keys, values = stored["keys"], stored["values"]
     for name, tensor in (("keys", keys), ("values", values)):
         if tuple(tensor.shape) != expected:
+            layout = ("(kept entries, head_dim)" if meta.press is not None
+                      else "(layers, kv_heads, K x chunks, head_dim)")
             raise BlobError(f"{where}: shape mismatch: {name} is {tuple(tensor.shape)} but the metadata says "
-                            f"{expected} (layers, kv_heads, K x chunks, head_dim)")
+                            f"{expected} {layout}")
         if tensor.dtype != BLOB_DTYPES[meta.dtype]:
             raise BlobError(f"{where}: {name} are {tensor.dtype} but the metadata says {meta.dtype}")
     if len(meta.gist_positions) != meta.total_gists:
@@ -222,6 +293,9 @@ def _validate(data: dict, where: str) -> None:
     fingerprint = data["adapter_fingerprint"]
     if not isinstance(fingerprint, str) or not (fingerprint == "none" or _HEX64.match(fingerprint)):
         bad("adapter_fingerprint", "must be a sha256 or 'none'")
+    if data["press"] is not None:
+        _validate_press(data, bad)
+        return
     for name in ("num_gist", "num_chunks", "document_tokens", "chunk_tokens", "layers", "kv_heads", "head_dim"):
         if not _is_int(data[name], 1):
             bad(name, f"must be a positive integer, got {data[name]!r}")
@@ -246,6 +320,50 @@ def _validate(data: dict, where: str) -> None:
         bad("gist_positions", f"must be {total} positions (K x chunks)")
     if not _is_int(data["next_position"], max(positions) + 1):
         bad("next_position", "must be an integer past every gist position")
+
+
+def _validate_press(data: dict, bad) -> None:
+    """A press blob's fields against each other: the question continues right after the prefilled entries, every
+    head keeps between 1 and prefix_tokens entries, and the total agrees with the ratio under its budget."""
+    from gistctl.kv.presses import BUDGETS, PRESSES
+
+    for name in ("document_tokens", "prefix_tokens", "chunk_tokens", "layers", "kv_heads", "head_dim"):
+        if not _is_int(data[name], 1):
+            bad(name, f"must be a positive integer, got {data[name]!r}")
+    if data["press"] not in PRESSES:
+        bad("press", f"must be one of {', '.join(PRESSES)}, got {data['press']!r}")
+    ratio = data["ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        bad("ratio", f"must be in [0, 1), got {ratio!r}")
+    if data["press"] == "none" and ratio != 0:
+        bad("ratio", "must be 0 for press none")
+    if data["budget"] not in BUDGETS:
+        bad("budget", f"must be one of {', '.join(BUDGETS)}, got {data['budget']!r}")
+    if data["dtype"] not in BLOB_DTYPES:
+        bad("dtype", f"must be one of {', '.join(BLOB_DTYPES)}, got {data['dtype']!r}")
+    if not isinstance(data["rope"], dict):
+        bad("rope", "must be an object")
+    n = data["prefix_tokens"]
+    if n < data["document_tokens"]:
+        bad("prefix_tokens", f"is {n}, fewer than the document's {data['document_tokens']} tokens")
+    if data["num_gist"] != 0 or data["gist_ids"] != [] or data["gist_positions"] != [] or data["num_chunks"] != 1:
+        bad("num_gist", "must be 0 with no gist ids or positions and one chunk in a press blob")
+    if data["next_position"] != n:
+        bad("next_position", f"is {data['next_position']!r} but the question continues after the {n} prefilled "
+                             "entries")
+    counts = data["kept_counts"]
+    if (not isinstance(counts, list) or len(counts) != data["layers"]
+            or not all(isinstance(row, list) and len(row) == data["kv_heads"] for row in counts)
+            or not all(_is_int(c, 1) and c <= n for row in counts for c in row)):
+        bad("kept_counts", f"must be {data['layers']} x {data['kv_heads']} counts between 1 and {n}")
+    from gistctl.kv.presses.base import kept_per_head
+
+    expected = kept_per_head(n, ratio) if data["budget"] == "uniform" else None
+    total = sum(map(sum, counts))
+    if expected is not None and any(c != expected for row in counts for c in row):
+        bad("kept_counts", f"must all be {expected} under a uniform budget at ratio {ratio}")
+    if total > data["layers"] * data["kv_heads"] * n:
+        bad("kept_counts", "hold more entries than the document has")
 
 
 def read_blob_meta(path: str | Path) -> BlobMeta:
@@ -276,15 +394,17 @@ def _read_header(path: Path) -> tuple[BlobMeta, dict]:
     if version > FORMAT_VERSION:
         raise BlobError(f"'{path}' uses blob format {version}, newer than this gistctl understands "
                         f"({FORMAT_VERSION}); upgrade gistctl")
-    if version < FORMAT_VERSION:
+    if version < 2:
         raise BlobError(f"'{path}' uses blob format {version} (gistctl < 0.2), whose checksum does not cover its "
                         f"metadata; compress the document again")
     known = {f.name for f in dataclasses.fields(BlobMeta)}
-    missing = sorted(known - set(data))
+    missing = sorted(known - set(data) - (set(ADDED_IN_3) if version == 2 else set()))
     if missing:
         raise BlobError(f"'{path}': corrupt metadata (missing {', '.join(missing)})")
-    _validate(data, f"'{path}'")
-    return BlobMeta(**{k: v for k, v in data.items() if k in known}), data
+    defaults = {f.name: f.default for f in dataclasses.fields(BlobMeta) if f.name in ADDED_IN_3}
+    filled = {**defaults, **data}  # a format-2 blob is a gist blob; its checksum covers the fields it has
+    _validate(filled, f"'{path}'")
+    return BlobMeta(**{k: v for k, v in filled.items() if k in known}), data
 
 
 def read_blob(path: str | Path) -> GistBlob:

@@ -34,6 +34,8 @@ class CompressStats:
     chunks: int
     seconds: float
     full_kv_bytes: int  # the document's full KV cache at the blob's dtype
+    prefill_seconds: float | None = None  # press blobs: the one prefill of the document
+    score_seconds: float | None = None  # press blobs: the press's scoring after it
 
 
 def adapter_record(adapter_dir: str | None) -> str | None:

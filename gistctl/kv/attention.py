@@ -1,0 +1,106 @@
+"""Two hooks into the model's attention that presses need, behind transformers' own attention registry.
+
+- `observe_attention(model, fn)`: `fn(layer, query, key)` sees every layer's post-RoPE queries (batch, heads, Q,
+  head_dim) and keys (batch, kv_heads, cache + Q, head_dim) as the model runs; presses score cached entries with it.
+- `entry_masks(model, keep)`: keep (layers, kv_heads, entries) bool hides the cache entries marked False from every
+  query of that layer and KV head (a press blob's padding: kept counts differ per head, the cache is one length).
+
+Both wrap `sdpa` in `ALL_ATTENTION_FUNCTIONS` (transformers.modeling_utils) once; with neither active, the wrapper
+calls the original function unchanged. Only sdpa models are supported (the default `load_model` loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from gistctl.errors import DataError
+
+_STATE = "_gistctl_press_state"  # attribute set on each attention module while a context manager is active
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in layer order; refuse a model whose attention this
+    cannot observe (no sdpa, no layer index, not a decoder of attention layers)."""
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
+               and hasattr(m, "scaling")]
+    if implementation != "sdpa" or len(modules) != getattr(config, "num_hidden_layers", -1):
+        raise DataError(f"presses need a decoder whose attention gistctl can observe (sdpa attention with one "
+                        f"self-attention module per layer); this model has attention '{implementation}' and "
+                        f"{len(modules)} such modules for {getattr(config, 'num_hidden_layers', '?')} layers")
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def _install() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(original, "_gistctl_wrapped", False):
+        return
+
+    def sdpa_with_presses(module, query, key, value, attention_mask, *args, **kwargs):
+        state = getattr(module, _STATE, None)
+        if state is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        if state.get("observe") is not None:
+            state["observe"](module.layer_idx, query, key)
+        keep = state.get("keep")
+        if keep is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return _masked_sdpa(module, query, key, value, attention_mask, keep[module.layer_idx], kwargs.get("scaling"))
+
+    sdpa_with_presses._gistctl_wrapped = True
+    AttentionInterface.register("sdpa", sdpa_with_presses)
+
+
+def _masked_sdpa(module, query, key, value, attention_mask, keep, scaling):
+    """sdpa with keep (kv_heads, entries) ANDed into the mask of the first `entries` keys, per KV head.
+    query (batch, heads, Q, d); key/value (batch, kv_heads, K, d); returns (batch, Q, heads, d) as sdpa does."""
+    groups = module.num_key_value_groups
+    batch, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    entries = keep.shape[-1]
+    per_head = torch.ones(keep.shape[0], k_len, dtype=torch.bool, device=query.device)
+    per_head[:, :entries] = keep.to(query.device)
+    per_head = per_head.repeat_interleave(groups, dim=0)[None, :, None, :]  # (1, heads, 1, K)
+    if attention_mask is None:
+        mask = per_head & torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., :k_len] & per_head
+    else:
+        mask = attention_mask[..., :k_len].masked_fill(~per_head, torch.finfo(attention_mask.dtype).min)
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                           scale=scaling if scaling is not None else module.scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _state(model, **state) -> Iterator[None]:
+    modules = attention_modules(model)
+    _install()
+    previous = [getattr(m, _STATE, None) for m in modules]
+    for m, old in zip(modules, previous):
+        setattr(m, _STATE, {**(old or {}), **state})
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, previous):
+            setattr(m, _STATE, old)
+
+
+def observe_attention(model, fn: Callable[[int, torch.Tensor, torch.Tensor], None]):
+    """Context manager: `fn(layer, query, key)` on every attention call (see the module docstring)."""
+    return _state(model, observe=fn)
+
+
+def entry_masks(model, keep: torch.Tensor | None):
+    """Context manager: hide cache entries where keep (layers, kv_heads, entries) is False. None: no-op."""
+    if keep is None or bool(keep.all()):
+        return contextlib.nullcontext()
+    return _state(model, keep=keep)
