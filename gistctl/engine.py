@@ -120,6 +120,14 @@ class Gistctl:
                       peak_memory_bytes(model.loaded.device))
 
 
+def reader_for(adapter: str | None, model: str | None) -> str:
+    """The reader a user gets without naming one: the shipped full-reader on the embedded model it was trained on;
+    with another --model, the base model as it is ("none"), since the shipped reader does not fit it."""
+    if adapter is not None:
+        return adapter
+    return DEFAULT_READER if model is None else "none"
+
+
 def adapter_reader_kind(gm: GistModel) -> str:
     """gist (a gist adapter or untrained gists) or full (a reader adapter, or the base model with no gists)."""
     if gm.adapter_dir is None:

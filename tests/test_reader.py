@@ -182,11 +182,10 @@ def test_continuation_stops_after_a_sentence_and_answers_the_next(tmp_path, tiny
     assert again == records
 
 
-def test_full_lora_column_needs_a_reader_adapter(tiny_model_dir, data_file, tmp_path):
+def test_full_lora_column_reads_with_a_reader_adapter(tiny_model_dir, data_file, tmp_path):
     from gistctl.bench.runner import parse_methods
 
-    with pytest.raises(ConfigError, match="needs --reader-adapter"):
-        parse_methods("full+lora")
+    assert parse_methods("full+lora")[0].adapter == "full-reader"  # the shipped reader unless another is given
     full = train(settings(tiny_model_dir, data_file, reader="full", max_steps=1), tmp_path / "full")
     with pytest.raises(ConfigError, match="add one to --methods"):
         parse_methods("full", reader_adapter=str(full.final_dir))

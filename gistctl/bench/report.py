@@ -51,9 +51,10 @@ FORMAT_VERSION = 1
 # Context-length buckets by meta.context_tokens: [low, high) in tokens.
 BUCKETS = ((0, 1000, "<1k"), (1000, 2000, "1k-2k"), (2000, 4000, "2k-4k"), (4000, 8000, "4k-8k"),
            (8000, math.inf, ">=8k"))
-PLOTS = ("accuracy_vs_compression.png", "ttft.png", "peak_memory.png", "accuracy_by_length.png")
+PLOTS = ("frontier.png", "accuracy_vs_compression.png", "ttft.png", "peak_memory.png", "accuracy_by_length.png")
+COMPRESSED_KINDS = ("gist", "press")
 PROFILE_MEANS = ("ttft_ms", "prepare_s", "decode_tokens_per_s", "prompt_tokens", "state_bytes", "full_kv_bytes",
-                 "compression_ratio")
+                 "compression_ratio", "kept_fraction", "prefill_s", "score_s", "document_tokens")
 
 
 def length_bucket(tokens: int | None) -> str | None:
@@ -90,8 +91,14 @@ def summarize_column(rows: list[dict]) -> dict[str, Any]:
             buckets.setdefault(label, []).append(row["primary"])
     order = [label for _, _, label in BUCKETS]
     first = rows[0] if rows else {}
+    tokens = sum(r.get("document_tokens") or 0 for r in ok)
     summary = {
         "kind": first.get("kind"), "adapter": first.get("adapter"), "num_gist": first.get("num_gist"),
+        "press": first.get("press"), "ratio": first.get("ratio"), "budget": first.get("budget"),
+        "dtype": first.get("dtype"),
+        # compress (prepare) seconds per 1,000 document tokens, over every row that prepared
+        "prepare_s_per_1k": (sum(r["prepare_s"] for r in ok if r.get("prepare_s") is not None) * 1000 / tokens
+                             if tokens else None),
         "n": len(rows), "errors": len(rows) - len(ok),
         "accuracy": ci([r["primary"] for r in rows]),
         "tasks": {task: ci(values) for task, values in sorted(tasks.items())},
@@ -111,7 +118,7 @@ def ceiling_column(methods: dict[str, dict], columns: list[str]) -> str | None:
 
 
 def retention(methods: dict[str, dict], columns: list[str]) -> dict[str, Any] | None:
-    """Per gist column, its accuracy over the trained ceiling's, overall and per task (None where the ceiling
+    """Per gist or press column, its accuracy over the trained ceiling's, overall and per task (None where the ceiling
     scored 0): what compression keeps of what the same LoRA reads from the whole document."""
     ceiling = ceiling_column(methods, columns)
     if ceiling is None:
@@ -126,7 +133,7 @@ def retention(methods: dict[str, dict], columns: list[str]) -> dict[str, Any] | 
     per_column = {}
     for column in columns:
         m = methods[column]
-        if m["kind"] != "gist":
+        if m["kind"] not in COMPRESSED_KINDS:
             continue
         per_column[column] = {"accuracy": ratio(m["accuracy"], top["accuracy"]),
                               "tasks": {t: ratio(m["tasks"].get(t), c) for t, c in top["tasks"].items()}}
@@ -215,6 +222,21 @@ def _by_question_type(metrics: dict) -> tuple[list[str], list[list[str]]]:
     return ["task / type", *(column for column, _ in columns)], rows
 
 
+def frontier_rows(metrics: dict) -> list[list[str]]:
+    kept = (metrics.get("retention") or {}).get("columns", {})
+    rows = []
+    for column, m in ordered(metrics):
+        if m["kind"] not in COMPRESSED_KINDS:
+            continue
+        r = kept.get(column, {}).get("accuracy")
+        share = m.get("kept_fraction")
+        rows.append([column, m.get("dtype") or "-", f"{100 * share:.2f}%" if share else "-",
+                     _fmt(m["state_bytes"] and m["state_bytes"] / 1024, ".1f"),
+                     _fmt(m["compression_ratio"], ".1f"), fmt_ci(m["accuracy"]), _fmt(r, ".2f"),
+                     _fmt(m.get("prepare_s_per_1k"), ".2f"), _fmt(m["ttft_ms"], ".0f")])
+    return rows
+
+
 def render_markdown(metrics: dict, criteria: list | None = None) -> str:
     tasks = sorted({t for m in metrics["methods"].values() for t in m["tasks"]})
     buckets = [b for b in metrics["buckets"] if any(b in m["buckets"] for m in metrics["methods"].values())]
@@ -242,6 +264,14 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
                   _md_table(["method", "overall", *task_names],
                             [[column, *(_fmt(v, ".2f") for v in (r["accuracy"], *(r["tasks"][t] for t in task_names)))]
                              for column, r in kept["columns"].items()]), ""]
+    frontier = frontier_rows(metrics)
+    if frontier:
+        parts += ["## Frontier (compressed columns)", "",
+                  "Entries kept: the share of the document's KV entries (layers x KV heads x tokens) the blob holds. "
+                  "Blob KiB: mean file size per document. Compress s / 1k: prepare seconds (prefill, scoring, "
+                  "writing) per 1,000 document tokens. Retention: accuracy over the trained ceiling's.", "",
+                  _md_table(["method", "dtype", "entries kept", "blob KiB", "x vs full KV (same dtype)",
+                             "accuracy (95% CI)", "retention", "compress s / 1k", "TTFT ms"], frontier), ""]
     headers, type_rows = _by_question_type(metrics)
     if type_rows:
         parts += ["## Accuracy per question type", "",
@@ -277,6 +307,7 @@ def write_plots(run: RunDir, metrics: dict) -> list[str]:
 
     methods = metrics["methods"]
     columns = [column for column, _ in ordered(metrics)]
+    _frontier_plot(run, metrics)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     gist = [(m["compression_ratio"], m["accuracy"], c) for c, m in ordered(metrics)
@@ -337,6 +368,54 @@ def write_plots(run: RunDir, metrics: dict) -> list[str]:
     fig.tight_layout()
     _save(fig, run, "accuracy_by_length.png")
     return list(PLOTS)
+
+
+def _frontier_plot(run: RunDir, metrics: dict) -> None:
+    """frontier.png: accuracy against blob bytes per document (log x), one panel per task; one curve per press
+    (and budget and dtype) over its ratios, one per gist dtype; full+lora at the document's whole fp16 KV cache
+    and rag+lora at its index, as reference marks."""
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for m in metrics["methods"].values() for t in m["tasks"]})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    curves: dict[str, list] = {}
+    for column, m in ordered(metrics):
+        if m["kind"] in COMPRESSED_KINDS and m["state_bytes"]:
+            name = (m.get("press") or "gist") + (",uniform" if m.get("budget") == "uniform" else "")
+            curves.setdefault(f"{name} ({m.get('dtype') or 'fp16'})", []).append((column, m))
+    for ax, task in zip(axes[0], tasks):
+        for i, (label, points) in enumerate(curves.items()):
+            pts = sorted(((m["state_bytes"], m["tasks"][task]["mean"], m.get("ratio")) for _, m in points
+                          if task in m["tasks"] and m["tasks"][task]["mean"] is not None), key=lambda p: p[0])
+            if not pts:
+                continue
+            style = "--" if "int8" in label else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style + "o", color=f"C{i}", label=label, markersize=4)
+            for x, y, ratio in pts:
+                if ratio is not None and "int8" not in label:
+                    ax.annotate(f"{1 / (1 - ratio):.0f}x" if ratio else "1x", (x, y), textcoords="offset points",
+                                xytext=(3, 3), fontsize=7, color=f"C{i}")
+        for column, m in ordered(metrics):
+            if m["kind"] in ("full", "rag") and m.get("adapter") and task in m["tasks"]:
+                x = m["full_kv_bytes"] if m["kind"] == "full" else m["state_bytes"]
+                if x and m["tasks"][task]["mean"] is not None:
+                    ax.plot([x], [m["tasks"][task]["mean"]], "*" if m["kind"] == "full" else "s", markersize=11,
+                            color="black" if m["kind"] == "full" else "grey", label=column, linestyle="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes kept per document (blob file; full+lora: its whole fp16 KV)")
+        ax.set_ylabel("accuracy (mean primary score)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task} (n={max((m['tasks'][task]['n'] for m in metrics['methods'].values() if task in m['tasks']), default=0)})")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(6, len(labels)),
+                   bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("gistctl frontier: accuracy vs bytes kept")
+    fig.tight_layout()
+    _save(fig, run, "frontier.png")
 
 
 def write_outputs(run: RunDir, metrics: dict, criteria: list | None = None) -> None:

@@ -28,7 +28,9 @@ from gistctl.gist.chunks import FIXED, check_chunking
 from gistctl.gist.positions import SEQUENTIAL, check_layout
 from gistctl.runs import RunDir, atomic_write_text
 
-METHOD_KINDS = ("gist", "rag", "full", "full+lora", "rag+lora")
+PRESS_KINDS = ("kvzip", "snapkv", "streaming", "knorm")  # columns of press blobs, one per ratio (`--ratios`)
+METHOD_KINDS = ("gist", "rag", "full", "full+lora", "rag+lora", *PRESS_KINDS)
+DEFAULT_RATIOS = (0.75, 0.875, 0.9375, 0.97)
 # columns that read the document with a trained reader adapter (`--reader-adapter`, from `train --reader full`)
 READER_KINDS = {"full+lora": "full", "rag+lora": "rag"}
 PREDICTIONS = "predictions.jsonl"
@@ -52,7 +54,15 @@ class MethodSpec:
     adapter_fingerprint: str | None = None  # gist: rows made with another adapter or chunk length are stale
     positions: str | None = None  # gist: position layout (an adapter's own by default)
     chunking: str | None = None  # gist: how documents are split into chunks (an adapter's own by default)
-    dtype: str = "fp16"  # gist: the blob dtype (fp16, bf16, fp32 or int8)
+    dtype: str = "fp16"  # gist and press: the blob dtype (fp16, bf16, fp32 or int8)
+    press: str | None = None  # press columns (kind "press"): the press, its ratio and budget; adapter = the reader
+    ratio: float | None = None
+    budget: str | None = None
+
+    @property
+    def blob_kind(self) -> bool:
+        """Whether the column answers from blobs it writes (gist and press columns)."""
+        return self.kind in ("gist", "press")
 
     @property
     def slug(self) -> str:
@@ -119,10 +129,34 @@ def _adapter_spec(column: str, adapter: str | None, path: str | None = None) -> 
                       chunking=meta.chunking)
 
 
+def parse_ratios(spec: str | None) -> list[float]:
+    """"0.75,0.9375" -> [0.75, 0.9375] (distinct, each in [0, 1)); None -> DEFAULT_RATIOS."""
+    from gistctl.kv.presses import check_ratio
+
+    if spec is None:
+        return list(DEFAULT_RATIOS)
+    ratios = []
+    for part in _split(spec):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"bad value '{part}' in --ratios; use fractions removed like 0.75,0.9375") from None
+        ratios.append(check_ratio(value))
+    if not ratios:
+        raise ConfigError("--ratios is empty; give fractions removed like 0.75,0.9375")
+    return list(dict.fromkeys(ratios))
+
+
+def press_column(press: str, ratio: float, budget: str) -> str:
+    """`kvzip[0.9375]`, `kvzip[uniform,0.9375]`."""
+    return f"{press}[{'uniform,' if budget == 'uniform' else ''}{ratio:g}]"
+
+
 def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | None = None,
                   chunk_tokens: str | None = None, positions: str | None = None,
                   chunking: str | None = None, dtypes: str | None = None,
-                  reader_adapter: str | None = None) -> list[MethodSpec]:
+                  reader_adapter: str | None = None, ratios: str | None = None,
+                  uniform: bool = False) -> list[MethodSpec]:
     """`gist,rag,full` + adapter choices -> columns, gist columns first. Adapters are resolved here, so a
     missing one fails before any model loads. `chunk_tokens` ("256,512"): every gist column once per chunk
     length (K gists per chunk, so shorter chunks keep more gists: the accuracy-vs-compression curve of one
@@ -168,6 +202,25 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
     splits = list(dict.fromkeys(check_chunking(c) for c in _split(chunking)))
     if splits:
         specs = [replace(s, column=f"{s.column[:-1]},split={c}]", chunking=c) for s in specs for c in splits]
+    presses = [kind for kind in kinds if kind in PRESS_KINDS]
+    if not presses and (ratios is not None or uniform):
+        raise ConfigError("--ratios and --uniform are press settings; add a press to --methods "
+                          f"({', '.join(PRESS_KINDS)})")
+    readers = [kind for kind in kinds if kind in READER_KINDS]
+    if reader_adapter and not readers and not presses:
+        raise ConfigError("--reader-adapter is used by the full+lora and rag+lora columns and the presses; add one "
+                          "to --methods")
+    if readers or presses:
+        from gistctl.engine import DEFAULT_READER
+        from gistctl.gist.adapter import adapter_fingerprint
+
+        reader_adapter = reader_adapter or DEFAULT_READER
+        reader_fingerprint = adapter_fingerprint(resolve_adapter(reader_adapter))
+    budget = "uniform" if uniform else "global"
+    for press in presses:
+        specs += [MethodSpec(press_column(press, r, budget), "press", reader_adapter,
+                             adapter_fingerprint=reader_fingerprint, press=press, ratio=r, budget=budget)
+                  for r in parse_ratios(ratios)]
     from gistctl.kv.blob import BLOB_DTYPES
 
     blob_dtypes = list(dict.fromkeys(_split(dtypes)))
@@ -176,20 +229,10 @@ def parse_methods(methods: str, adapters: str | None = None, gist_sizes: str | N
         raise ConfigError(f"unknown blob dtype '{unknown_dtypes[0]}'; choose from {', '.join(BLOB_DTYPES)}")
     if blob_dtypes:
         specs = [replace(s, column=f"{s.column[:-1]},{d}]", dtype=d) for s in specs for d in blob_dtypes]
-    readers = [kind for kind in kinds if kind in READER_KINDS]
-    if readers and not reader_adapter:
-        raise ConfigError(f"--methods {readers[0]} needs --reader-adapter DIR (an adapter trained with "
-                          "`gistctl train --reader full`)")
-    if reader_adapter and not readers:
-        raise ConfigError("--reader-adapter is used by the full+lora and rag+lora columns; add one to --methods")
-    if readers:
-        from gistctl.gist.adapter import adapter_fingerprint
-
-        reader_fingerprint = adapter_fingerprint(resolve_adapter(reader_adapter))
     for kind in kinds:
         if kind in READER_KINDS:
             specs.append(MethodSpec(kind, READER_KINDS[kind], reader_adapter, adapter_fingerprint=reader_fingerprint))
-        elif kind != "gist":
+        elif kind not in ("gist", *PRESS_KINDS):
             specs.append(MethodSpec(kind, kind))
     return specs
 
@@ -264,9 +307,12 @@ def dedupe_predictions(path: str | Path) -> int:
 
 
 def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list[str],
-               on_row: Callable[[dict], None]) -> None:
-    """Run one column's pending examples in a fresh `python -m gistctl.bench.worker` process."""
-    job = {"spec": asdict(spec), "settings": asdict(settings), "ids": ids,
+               on_row: Callable[[dict], None], group: list[MethodSpec] | None = None,
+               todo: dict[str, list[str]] | None = None) -> None:
+    """Run one column's pending examples in a fresh `python -m gistctl.bench.worker` process; `group`: press
+    columns of one press and reader, which score each document once and answer at every ratio and dtype."""
+    job = {"spec": asdict(spec), "specs": [asdict(s) for s in group or [spec]], "todo": todo or {spec.column: ids},
+           "settings": asdict(settings), "ids": ids,
            "predictions": str(run.file(PREDICTIONS)), "blob_dir": str(run.file("blobs") / spec.slug),
            "rag_index_dir": str(run.file("rag-index")), "run_dir": str(run.path), "parent_pid": os.getpid()}
     job_path = run.write_json(f"workers/{spec.slug}.json", job)
@@ -294,6 +340,23 @@ def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list
         raise BenchWorkerError(f"the {spec.column} worker exited with code {rc}; see {log_path}: {tail}")
 
 
+def worker_groups(specs: list[MethodSpec]) -> list[list[MethodSpec]]:
+    """Columns in the order given, one worker each, except press columns of one press, budget and reader: one
+    worker for them all (the document is prefilled and scored once, then pressed at every ratio and dtype)."""
+    groups: list[list[MethodSpec]] = []
+    by_press: dict[tuple, list[MethodSpec]] = {}
+    for spec in specs:
+        if spec.kind != "press":
+            groups.append([spec])
+            continue
+        key = (spec.press, spec.budget, spec.adapter_fingerprint)
+        if key not in by_press:
+            by_press[key] = []
+            groups.append(by_press[key])
+        by_press[key].append(spec)
+    return groups
+
+
 def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settings: BenchSettings,
               on_progress: Callable[[Progress], None] | None = None) -> list[dict]:
     """Every column x example not yet in predictions.jsonl; returns the rows of these columns and examples
@@ -314,28 +377,34 @@ def run_bench(run: RunDir, specs: list[MethodSpec], examples: list[dict], settin
         return (spec is not None and row.get("id") in wanted
                 and (row.get("adapter_fingerprint"), row.get("chunk_tokens"), row.get("positions"), chunking, dtype)
                 == (spec.adapter_fingerprint, spec.chunk_tokens, spec.positions, spec.chunking,
-                    spec.dtype if spec.kind == "gist" else None))
+                    spec.dtype if spec.blob_kind else None))
 
-    for spec in specs:
-        mine = {r["id"]: r for r in existing if r.get("method") == spec.column and current(r)}
-        pending = [i for i in ids if i not in mine]
-        rows = list(mine.values())
+    for group in worker_groups(specs):
+        rows = {s.column: [r for r in existing if r.get("method") == s.column and current(r)] for s in group}
+        pending = [i for i in ids if any(i not in {r["id"] for r in rows[s.column]} for s in group)]
 
-        def report(event: str) -> None:
-            notify(Progress(spec.column, len(rows), len(ids), _running_accuracy(rows),
-                            sum(1 for r in rows if r.get("error")), event))
+        def report(column: str, event: str) -> None:
+            mine = rows[column]
+            notify(Progress(column, len(mine), len(ids), _running_accuracy(mine),
+                            sum(1 for r in mine if r.get("error")), event))
 
-        report("start")
+        for s in group:
+            report(s.column, "start")
         if pending:
-            report("loading")
+            for s in group:
+                report(s.column, "loading")
 
             def on_row(event: dict) -> None:
-                if event["event"] == "row":
-                    rows.append(event["row"])
-                    report("row")
+                if event["event"] == "row" and event["row"]["method"] in rows:
+                    rows[event["row"]["method"]].append(event["row"])
+                    report(event["row"]["method"], "row")
 
-            run_worker(run, spec, settings, pending, on_row)
-        report("end")
+            todo = {s.column: [i for i in ids if i not in {r["id"] for r in rows[s.column]}] for s in group}
+            columns = [s for s in group if todo[s.column]]
+            run_worker(run, columns[0], settings, pending, on_row, group=columns,
+                       todo={s.column: todo[s.column] for s in columns})
+        for s in group:
+            report(s.column, "end")
     # rows written before the worker recorded question_type get it from their example
     types = {e["id"]: question_type(e["task"], e.get("meta") or {}) for e in examples}
     seen: set[tuple[str, str]] = set()

@@ -131,6 +131,96 @@ def run_example(method, loaded, spec: MethodSpec, record: dict, job: dict) -> di
     return row
 
 
+def _base_row(spec: MethodSpec, record: dict, device) -> dict:
+    return {"method": spec.column, "kind": spec.kind, "adapter": spec.adapter, "num_gist": None, "chunk_tokens": None,
+            "positions": None, "chunking": None, "dtype": spec.dtype, "press": spec.press, "ratio": spec.ratio,
+            "budget": spec.budget, "adapter_fingerprint": spec.adapter_fingerprint, "id": record["id"],
+            "task": record["task"], "question": record["question"], "answers": record["answers"],
+            "question_type": question_type(record["task"], record["meta"]),
+            "context_tokens": record["meta"].get("context_tokens"), "document_tokens": None, "prediction": None,
+            "scores": None, "primary": 0.0, "error": None, "error_stage": None, "prepare_s": None, "prefill_s": None,
+            "score_s": None, "ttft_ms": None, "decode_tokens_per_s": None, "prompt_tokens": None,
+            "peak_memory_bytes": None, "prepare_peak_memory_bytes": None, "state_bytes": None, "full_kv_bytes": None,
+            "compression_ratio": None, "kept_fraction": None, "blob": None, "blob_positions": None, "warnings": None,
+            "device": str(device), "created_at": utc_now()}
+
+
+def run_press_example(gm, specs: list[MethodSpec], record: dict, job: dict):
+    """Rows for every press column of one press: the document prefilled and scored once (timed, shared), then per
+    column the kept entries written as a blob, read back and asked."""
+    from gistctl.engine import Gistctl
+    from gistctl.kv.blob import read_blob
+    from gistctl.kv.press import prefill_document, press_blob
+    from gistctl.kv.presses import get_press, select_kept
+
+    device = gm.loaded.device
+    _reset_peak(device)
+    start = time.perf_counter()
+    try:
+        doc = prefill_document(gm, record["context"])
+        prefilled = time.perf_counter()
+        scores = get_press(specs[0].press).score(doc)
+    except (GistctlError, torch.cuda.OutOfMemoryError) as err:
+        for spec in specs:
+            row = _base_row(spec, record, device)
+            row.update(error=str(err).splitlines()[0] or type(err).__name__, error_stage="prepare")
+            yield row
+        return
+    scored = time.perf_counter()
+    shared_peak = peak_memory_bytes(device)
+    api = Gistctl(gm, gm)
+    for spec in specs:
+        row = _base_row(spec, record, device)
+        begin = time.perf_counter()
+        keep = select_kept(scores, spec.ratio, spec.budget, doc.protected)
+        blob = press_blob(gm, doc, record["context"], keep, press=spec.press, ratio=spec.ratio, budget=spec.budget,
+                          dtype=spec.dtype)
+        target = Path(job["blob_dir"]).parent / spec.slug / f"{_file_name(record['id'])}.kv"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = blob.save(target)
+        blob = read_blob(target)  # answer from what is on disk, exactly
+        meta = blob.meta
+        row.update(prefill_s=prefilled - start, score_s=scored - prefilled,
+                   prepare_s=(scored - start) + (time.perf_counter() - begin),
+                   prepare_peak_memory_bytes=shared_peak, document_tokens=meta.document_tokens,
+                   state_bytes=size, full_kv_bytes=meta.full_kv_bytes, compression_ratio=meta.full_kv_bytes / size,
+                   kept_fraction=meta.kept_fraction, blob=os.path.relpath(target, job["run_dir"]))
+        if row["context_tokens"] is None:
+            row["context_tokens"] = meta.document_tokens
+        _reset_peak(device)
+        try:
+            answer = api.ask(blob, record["question"], max_new_tokens=job["settings"]["max_new_tokens"])
+        except (GistctlError, torch.cuda.OutOfMemoryError) as err:
+            row.update(error=str(err).splitlines()[0] or type(err).__name__, error_stage="answer")
+            yield row
+            continue
+        scores_ = score(record["task"], answer.text, record["answers"], record["meta"])
+        row.update(prediction=answer.text, scores=scores_, primary=scores_["primary"], ttft_ms=answer.ttft_ms,
+                   decode_tokens_per_s=answer.decode_tokens_per_s, prompt_tokens=answer.prompt_tokens,
+                   peak_memory_bytes=answer.peak_memory_bytes)
+        yield row
+
+
+def run_press_job(job: dict, records: dict) -> None:
+    from gistctl.engine import open_reader_model
+
+    specs = [MethodSpec(**s) for s in job["specs"]]
+    settings = job["settings"]
+    gm = open_reader_model(settings["model"], specs[0].adapter, device=settings["device"])
+    todo = {column: set(ids) for column, ids in job["todo"].items()}
+    parent = job.get("parent_pid")
+    with open(job["predictions"], "a", encoding="utf-8") as out:
+        for example_id in job["ids"]:
+            wanted = [s for s in specs if example_id in todo.get(s.column, ())]
+            for row in run_press_example(gm, wanted, records[example_id], job):
+                if parent is not None and os.getppid() != parent:
+                    return
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                emit({"event": "row", "row": row})
+
+
 def run_job(job: dict) -> None:
     spec = MethodSpec(**job["spec"])
     torch.manual_seed(job["settings"]["seed"])
@@ -140,6 +230,9 @@ def run_job(job: dict) -> None:
         from gistctl.errors import DataError
 
         raise DataError(f"example id {missing[0]!r} is not in {job['settings']['data']}")
+    if spec.kind == "press":
+        run_press_job(job, records)
+        return
     method, loaded = open_method(spec, job)
     parent = job.get("parent_pid")
     with open(job["predictions"], "a", encoding="utf-8") as out:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from gistctl.cli.common import err_console, user_errors
-from gistctl.engine import load_for_blob, open_text_method, read_document, read_questions
+from gistctl.engine import DEFAULT_READER, load_for_blob, reader_for, open_text_method, read_document, read_questions
 from gistctl.kv.blob import read_blob
 from gistctl.store import ID_PATTERN, BlobStore
 from gistctl.errors import DataError
@@ -21,10 +21,12 @@ def ask(
     questions: list[str] = typer.Argument(None, help="One or more questions. gist: more blobs (files or store ids) "
                                           "may come first: `ask a.kv b.kv QUESTION` reads both documents' gists."),
     questions_file: Path = typer.Option(None, "--questions", help="A text file with one question per line."),
-    method: str = typer.Option("gist", help="gist (answer from a blob), full or rag (answer from the document)."),
+    method: str = typer.Option("gist", help="gist (answer from a blob: gist or press), full or rag (answer from the "
+                                "document)."),
     model: str = typer.Option(None, help="HF model id or local directory; default: the blob's model / embedded default."),
-    adapter: str = typer.Option(None, help="gist: adapter directory; default: the one the blob was made with. full/rag: a "
-                                 "LoRA reader (`train --reader full`) merged into the model; default: none."),
+    adapter: str = typer.Option(None, help="A blob: adapter directory; default: the one the blob was made with. full/rag: "
+                                 "a LoRA reader (`train --reader full`) merged into the model; default: the shipped "
+                                 f"{DEFAULT_READER} (with --model another model: none); 'none': the base model."),
     device: str = typer.Option(None, help="cpu or cuda; default: cuda if available."),
     truncate: bool = typer.Option(False, help="full: cut the document to fit the window instead of failing."),
     index: str = typer.Option(None, help="rag: LanceDB index directory to reuse across calls."),
@@ -60,7 +62,7 @@ def ask(
         rag = {"index_dir": index, "chunk_tokens": chunk_tokens, "overlap": overlap, "top_k": top_k,
                "embedder": embedder}
         runner = open_text_method(method, model=model, device=device, truncate=truncate, rag=rag,
-                                  max_new_tokens=max_new_tokens, adapter=adapter)
+                                  max_new_tokens=max_new_tokens, adapter=reader_for(adapter, model))
         state = runner.prepare(read_document(source))
     for question in asked:
         answer = runner.answer(state, question)

@@ -78,7 +78,12 @@ def _print_summary(metrics: dict, criteria) -> None:
 @user_errors
 def bench(
     methods: str = typer.Option("gist,rag,full", help="Comma-separated methods: gist, rag, full; full+lora and "
-                                "rag+lora read with --reader-adapter (the trained ceiling)."),
+                                "rag+lora read with --reader-adapter (the trained ceiling); presses kvzip, snapkv, "
+                                "streaming, knorm, one column per --ratios."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="Press columns: fractions of the KV entries removed, "
+                                         "e.g. 0.75,0.875,0.9375,0.97 (the default)."),
+    uniform: bool = typer.Option(False, "--uniform", help="Presses keep the same count per head (default: one "
+                                 "threshold over all heads)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL dataset (see `gistctl data`)."),
     adapter: Optional[str] = typer.Option(None, help="Gist adapter(s), comma-separated: directories or shipped "
                                           "names, one column each; 'none' = untrained gists (needs --num-gist). "
@@ -95,8 +100,9 @@ def bench(
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Blob dtypes, e.g. fp16,int8: every gist column "
                                          "once per dtype (default: fp16)."),
     reader_adapter: Optional[str] = typer.Option(None, "--reader-adapter", help="Adapter of the full+lora and "
-                                                 "rag+lora columns (`gistctl train --reader full`); the report then "
-                                                 "shows each gist column's retention = gist / full+lora."),
+                                                 "rag+lora columns and the presses' reader (`gistctl train --reader "
+                                                 "full`; default: the shipped full-reader); the report shows each "
+                                                 "compressed column's retention = its accuracy / full+lora's."),
     model: Optional[str] = typer.Option(None, help="HF model id or local directory (default: the embedded default)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Run this many examples, drawn with --seed "
                                         f"(--protocol seed: examples per set, default 20)."),
@@ -121,14 +127,15 @@ def bench(
     if protocol is None and data is None:
         raise DataError("give --data FILE (build one with `gistctl data`) or --protocol seed")
     records = read_jsonl(data) if data is not None else None
-    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking, dtypes, reader_adapter)
+    specs = parse_methods(methods, adapter, gist_sizes, chunk_tokens, positions, chunking, dtypes, reader_adapter,
+                          ratios, uniform)
     if protocol == "seed" and not {"gist", "rag"} <= {s.kind for s in specs}:
         raise ConfigError("--protocol seed compares gist with rag; keep both in --methods")
 
     config = {"data": str(Path(data).resolve()) if data is not None else "seed.jsonl", "model": model,
               "max_new_tokens": max_new_tokens, "methods": [s.column for s in specs], "adapter": adapter, "reader_adapter": reader_adapter,
               "gist_sizes": gist_sizes, "chunk_tokens": chunk_tokens, "positions": positions, "chunking": chunking,
-              "dtypes": dtypes,
+              "dtypes": dtypes, "ratios": ratios, "uniform": uniform,
               "limit": limit, "seed": seed, "device": device, "protocol": protocol}
     with contextlib.ExitStack() as stack:  # one bench at a time per run directory
         if run_dir is not None:

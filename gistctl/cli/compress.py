@@ -8,7 +8,7 @@ import typer
 from rich.progress import Progress
 
 from gistctl.cli.common import console, err_console, user_errors
-from gistctl.engine import DEFAULT_READER, Gistctl, load, open_reader_model, read_document
+from gistctl.engine import DEFAULT_READER, Gistctl, load, open_reader_model, read_document, reader_for
 from gistctl.errors import DataError
 from gistctl.kv.blob import check_output_path
 from gistctl.store import BlobStore
@@ -92,7 +92,7 @@ def _compress_press(text: str, output, press: str, ratio, uniform: bool, adapter
     ratio = (0.0 if press == "none" else 0.9375) if ratio is None else ratio
     check_press_ratio(press, ratio)  # before the model loads
     budget = "uniform" if uniform else "global"
-    reader = open_reader_model(model, adapter or DEFAULT_READER, device=device)
+    reader = open_reader_model(model, reader_for(adapter, model), device=device)
     gc = Gistctl(reader, reader)
     if store is not None:
         blobs = BlobStore(None if store == "default" else store)
