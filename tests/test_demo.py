@@ -10,13 +10,17 @@ from gistctl.cli.main import app
 
 def _check_sections(result, run_dir):
     assert result.exit_code == 0, result.output
-    for section in ("Document", "tokens", "Answers", "from the blob alone", "full", "rag",
-                    "What each method keeps", "gist KV blob on disk", "x smaller", "mean TTFT"):
+    for section in ("Document", "tokens", "Answers", "from the gist blob alone", "from the press blob alone", "full", "rag",
+                    "What each method keeps", "gist KV blob on disk", "press blob on disk", "x smaller", "mean TTFT"):
         assert section in result.output, section
     saved = json.loads((run_dir / "demo.json").read_text())
-    assert set(saved["answers"]) == {"gist", "full", "rag"}
+    assert set(saved["answers"]) == {"gist", "press", "full", "rag"}
     assert all(len(v) == len(saved["questions"]) for v in saved["answers"].values())
-    assert (run_dir / "document.kv").is_file()
+    assert (run_dir / "document.kv").is_file() and (run_dir / f"document-{saved['press']}.kv").is_file()
+    # the press blob holds about (1 - ratio) of the document's entries, and is smaller than the whole cache
+    assert abs(saved["press_kept_fraction"] - (1 - saved["ratio"])) < 0.05
+    assert saved["state_bytes"]["press"] < saved["full_kv_bytes"]
+    return saved
 
 
 def test_demo_sections_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -55,4 +59,5 @@ def test_demo_on_the_default_model_and_adapter(tmp_path):
     if not (SHIPPED_ADAPTERS / DEFAULT_ADAPTER).is_dir():
         pytest.fail("the default adapter is not shipped")
     result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "run")])
-    _check_sections(result, tmp_path / "run")
+    saved = _check_sections(result, tmp_path / "run")
+    assert saved["reader"] == "full-reader"  # the shipped reader by default for the press, full and rag

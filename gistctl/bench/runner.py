@@ -341,15 +341,15 @@ def run_worker(run: RunDir, spec: MethodSpec, settings: BenchSettings, ids: list
 
 
 def worker_groups(specs: list[MethodSpec]) -> list[list[MethodSpec]]:
-    """Columns in the order given, one worker each, except press columns of one press, budget and reader: one
-    worker for them all (the document is prefilled and scored once, then pressed at every ratio and dtype)."""
+    """Columns in the order given, one worker each, except press columns of one reader: one worker for them all
+    (the document is prefilled once and scored once per press, then pressed at every ratio, budget and dtype)."""
     groups: list[list[MethodSpec]] = []
     by_press: dict[tuple, list[MethodSpec]] = {}
     for spec in specs:
         if spec.kind != "press":
             groups.append([spec])
             continue
-        key = (spec.press, spec.budget, spec.adapter_fingerprint)
+        key = spec.adapter_fingerprint
         if key not in by_press:
             by_press[key] = []
             groups.append(by_press[key])

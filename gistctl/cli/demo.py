@@ -23,7 +23,7 @@ def demo(
     run_dir: Path = typer.Option(None, help="Run directory; default: runs/demo-<time>-<id>/."),
 ) -> None:
     """Compress a document once, answer from the blob, and compare with full context and RAG."""
-    from gistctl.demo import EXAMPLE_DOCUMENT, EXAMPLE_QUESTIONS, METHODS, run_demo
+    from gistctl.demo import DEMO_PRESS, DEMO_RATIO, EXAMPLE_DOCUMENT, EXAMPLE_QUESTIONS, METHODS, run_demo
 
     document = document or EXAMPLE_DOCUMENT
     questions = tuple(question) if question else EXAMPLE_QUESTIONS
@@ -36,19 +36,23 @@ def demo(
                   f"compressed in {result.compress_seconds:.2f} s -> {result.blob_path}")
     answers = Table(title="Answers", show_lines=True)
     answers.add_column("question")
+    headers = {"press": f"{DEMO_PRESS} {DEMO_RATIO:g}"}
     for name in METHODS:
-        answers.add_column(name)
+        answers.add_column(headers.get(name, name))
     for i, q in enumerate(questions):
         answers.add_row(q, *(result.answers[name][i] for name in METHODS))
     console.print(answers)
-    console.print("gist answers from the blob alone; full reads the whole document; rag reads its top chunks.",
+    console.print(f"gist answers from the gist blob alone; {DEMO_PRESS} from the press blob alone (the reader's own KV "
+                  f"cache, {100 * result.press_kept_fraction:.1f}% of its entries kept); full reads the whole "
+                  f"document; rag reads its top chunks. The press, full and rag read with: {result.reader}.",
                   highlight=False)
     costs = Table(title="What each method keeps and how fast it answers")
     vs_full = f"vs full KV at {result.blob_dtype}"
     for column in ("method", "kept per document", "bytes", vs_full, "mean TTFT"):
         costs.add_column(column, justify="right" if column not in ("method", "kept per document") else "left")
-    kept = {"gist": f"gist KV blob on disk ({result.blob_dtype})", "full": "the whole KV cache (model dtype)",
-            "rag": "vector index + chunk text"}
+    kept = {"gist": f"gist KV blob on disk ({result.blob_dtype})",
+            "press": f"{DEMO_PRESS} press blob on disk ({result.blob_dtype})",
+            "full": "the whole KV cache (model dtype)", "rag": "vector index + chunk text"}
     for name in METHODS:
         size = result.state_bytes[name]
         ratio = "-" if name == "full" else f"{result.full_kv_bytes / size:.1f}x smaller"
@@ -58,5 +62,6 @@ def demo(
                   "as `gistctl compress` compares).", highlight=False)
     run.write_json("demo.json", {"document_tokens": result.document_tokens, "chunks": result.chunks,
                                  "state_bytes": result.state_bytes, "full_kv_bytes": result.full_kv_bytes,
-                                 "full_kv_dtype": result.blob_dtype,
+                                 "full_kv_dtype": result.blob_dtype, "press": DEMO_PRESS, "ratio": DEMO_RATIO,
+                                 "press_kept_fraction": result.press_kept_fraction, "reader": result.reader,
                                  "answers": result.answers, "ttft_ms": result.ttft_ms, "questions": list(questions)})

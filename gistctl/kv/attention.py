@@ -59,25 +59,31 @@ def _install() -> None:
 
 def _masked_sdpa(module, query, key, value, attention_mask, keep, scaling):
     """sdpa with keep (kv_heads, entries) ANDed into the mask of the first `entries` keys, per KV head.
-    query (batch, heads, Q, d); key/value (batch, kv_heads, K, d); returns (batch, Q, heads, d) as sdpa does."""
+    query (batch, heads, Q, d); key/value (batch, kv_heads, K, d); returns (batch, Q, heads, d) as sdpa does.
+
+    The query heads of a KV group are packed as extra query rows of that KV head (batch, kv_heads, groups x Q, d),
+    so keys are never copied per query head and the mask is one (kv_heads, K) row set per group."""
     groups = module.num_key_value_groups
-    batch, _, q_len, _ = query.shape
-    k_len = key.shape[2]
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
     entries = keep.shape[-1]
-    per_head = torch.ones(keep.shape[0], k_len, dtype=torch.bool, device=query.device)
+    per_head = torch.ones(kv_heads, k_len, dtype=torch.bool, device=query.device)
     per_head[:, :entries] = keep.to(query.device)
-    per_head = per_head.repeat_interleave(groups, dim=0)[None, :, None, :]  # (1, heads, 1, K)
     if attention_mask is None:
-        mask = per_head & torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    elif attention_mask.dtype == torch.bool:
-        mask = attention_mask[..., :k_len] & per_head
+        base = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
     else:
-        mask = attention_mask[..., :k_len].masked_fill(~per_head, torch.finfo(attention_mask.dtype).min)
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+        base = attention_mask[..., :k_len]  # (batch, 1, Q, K), bool or additive
+    base = base[:, :, None].expand(batch, 1, groups, q_len, k_len)  # (batch, 1, groups, Q, K)
+    hide = ~per_head[None, :, None, None, :]  # (1, kv_heads, 1, 1, K)
+    if base.dtype == torch.bool:
+        mask = base & ~hide
+    else:
+        mask = base.masked_fill(hide, torch.finfo(base.dtype).min)
+    mask = mask.reshape(batch, kv_heads, groups * q_len, k_len)
+    packed = query.reshape(batch, kv_heads, groups * q_len, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask,
                                                            scale=scaling if scaling is not None else module.scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
