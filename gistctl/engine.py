@@ -96,7 +96,7 @@ class Gistctl:
         One question -> one `Answer` (`.text`, `.ttft_ms` in milliseconds, ...); a list -> a list."""
         given = list(blob) if isinstance(blob, (list, tuple)) else [blob]
         blobs = [item if isinstance(item, GistBlob) else read_blob(item) for item in given]
-        model = self._model_for(blobs)
+        model = self.model_for(blobs)
         check_blobs_for_model(blobs, model,
                               [f"blob '{item}'" if not isinstance(item, GistBlob) else "blob" for item in given])
         questions = [question] if isinstance(question, str) else list(question)
@@ -107,7 +107,7 @@ class Gistctl:
         answers = [self._answer(model, blobs, q, max_new_tokens) for q in questions]
         return answers[0] if isinstance(question, str) else answers
 
-    def _model_for(self, blobs: list[Blob]) -> GistModel:
+    def model_for(self, blobs: list[Blob]) -> GistModel:
         """The gist model, unless the blobs are press blobs made by the reader (then the reader, opened once)."""
         if not blobs or blobs[0].meta.press is None or \
                 blobs[0].meta.adapter_fingerprint == self.gist_model.adapter_fingerprint:
@@ -154,17 +154,17 @@ def open_reader_model(model: str | None, reader: str | None = DEFAULT_READER, *,
 def load(model: str | None = None, adapter: str | None = None, *, device: str | None = None,
          dtype: str | None = None, load_in_4bit: bool = False, num_gist: int | None = None,
          chunk_tokens: int | None = None, positions: str | None = None, chunking: str | None = None,
-         reader: str = DEFAULT_READER) -> Gistctl:
+         reader: str | None = None) -> Gistctl:
     """Load a base model and gist adapter once.
 
     `model`: a Hugging Face id or local directory; default: the adapter's base (the embedded
     SmolLM2-135M-Instruct for the shipped adapters). `adapter`: a directory or a shipped adapter's name;
     default: the shipped `default`; "none": untrained gist tokens (needs `num_gist`). `chunk_tokens`,
     `positions`, `chunking` override how the adapter reads documents. `reader`: what press blobs read with
-    (opened when a press is first used)."""
+    (opened when a press is first used); default: the shipped full-reader on the embedded model, none on another."""
     return Gistctl(open_gist_model(model, adapter, num_gist=num_gist, chunk_tokens=chunk_tokens, device=device,
                                    dtype=dtype, load_in_4bit=load_in_4bit, positions=positions, chunking=chunking),
-                   reader=reader)
+                   reader=reader_for(reader, model))
 
 
 def load_for_blob(blob: str | Path | BlobMeta, *, model: str | None = None, adapter: str | None = None,
@@ -231,7 +231,11 @@ def read_questions(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"questions file '{path}' does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read questions file '{path}' as UTF-8 text: {err}") from err
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def open_text_method(name: str, *, model: str | None = None, device: str | None = None, truncate: bool = False,

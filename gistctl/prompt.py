@@ -21,9 +21,23 @@ def has_text(text: str) -> bool:
     return any(not (char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn")) for char in text)
 
 
+def check_encodable(text: str, what: str) -> str:
+    """Refuse text holding a lone surrogate: a byte that was not UTF-8 (a latin-1 terminal's argument arrives as
+    U+DC80..U+DCFF) or an unpaired JSON escape such as "\\ud800"; the tokenizer cannot read either."""
+    for i, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            from gistctl.errors import DataError
+
+            code = ord(char)
+            byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            raise DataError(f"{what} is not valid UTF-8 text: {byte} at character {i + 1}; send UTF-8")
+    return text
+
+
 def check_text(text: str, what: str = "the document") -> None:
     from gistctl.errors import DataError
 
+    check_encodable(text, what)
     if not has_text(text):
         raise DataError(f"{what} is empty: it has no text in it (only whitespace or control characters)")
 
@@ -34,7 +48,7 @@ def check_question(question: str) -> str:
         from gistctl.errors import DataError
 
         raise DataError("the question is blank; ask something")
-    return question
+    return check_encodable(question, "the question")
 
 
 def context_ids(tokenizer, text: str) -> list[int]:

@@ -11,9 +11,11 @@ Errors are JSON `{"error": message}` with a 4xx status for what the client can f
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from gistctl.errors import ConfigError, DataError, GistctlError
 from gistctl.store import BlobStore, UnknownDocument, document_id
 
 from pydantic import BaseModel, Field
+from starlette.requests import Request  # at module level: FastAPI resolves endpoint annotations in this module
 
 from gistctl.prompt import MAX_NEW_TOKENS
 
@@ -79,11 +82,53 @@ def check_bind(host: str, token: str | None) -> None:
                           "'Authorization: Bearer SECRET'), or keep the default 127.0.0.1")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port another process already listens on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host}: cannot resolve it ({err.strerror})") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another gistctl serve "
+                              "running? choose another --port)") from err
+
+
+class BodyLimit:
+    """ASGI middleware: count a request body's bytes as they arrive and stop reading at `limit` (a body sent
+    chunked has no Content-Length to check first), answering 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"request body over {self.limit:,} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
 def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits | None = None,
                documents_dir: str | Path | None = None):
     """The FastAPI app over a loaded `gistctl.engine.Gistctl` and a `BlobStore`. `documents_dir`: the only folder
     whose files `POST /v1/documents {path}` may read (None: posting paths is off)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -95,6 +140,7 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
     model_lock = threading.Lock()  # one forward at a time: requests queue here
     allowed_dir = Path(documents_dir).resolve() if documents_dir else None
     app = FastAPI(title="gistctl", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=limits.request_bytes)
     app.state.compressions = 0
 
     def error(status: int, message: str) -> JSONResponse:
@@ -124,16 +170,22 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if token and request.url.path != "/healthz":
-            if request.headers.get("authorization") != f"Bearer {token}":
-                return error(401, "missing or wrong bearer token")
+        if token and request.url.path != "/healthz" and not authorized(request):
+            return error(401, "missing or wrong bearer token")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.request_bytes):
             return error(413, f"request body over {limits.request_bytes:,} bytes")
         return await call_next(request)
 
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
+
     @app.get("/healthz")
-    def healthz():
+    def healthz(request: Request):
+        """Liveness for anyone; which model, adapter and store only for a client with the token (or no token set)."""
+        if token and not authorized(request):
+            return {"status": "ok", "version": __version__}
         gm = gc.gist_model
         return {"status": "ok", "version": __version__, "model": gm.loaded.name, "adapter": gm.adapter_dir,
                 "num_gist": gm.num_gist, "chunk_tokens": gm.chunk_tokens, "store": str(store.root)}
@@ -146,15 +198,18 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
         else:
             if allowed_dir is None:
                 raise DataError("posting a path is off on this server (start it with --documents-dir DIR); send text")
+            if "\x00" in body.path:
+                raise DataError("the path holds a NUL byte")
+            prompt.check_encodable(body.path, "the path")
             path = (allowed_dir / body.path).resolve()
             if allowed_dir != path and allowed_dir not in path.parents:
                 raise DataError(f"path '{body.path}' is outside the documents folder")
             from gistctl.engine import read_document
 
             text = read_document(path)
+        prompt.check_text(text)  # a lone surrogate first: it cannot be encoded to count its bytes
         if len(text.encode("utf-8")) > limits.document_bytes:
             raise TooLarge(f"document over {limits.document_bytes:,} bytes")
-        prompt.check_text(text)
         return text
 
     @app.post("/v1/documents")
@@ -202,13 +257,13 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
             raise DataError(f"max_new_tokens is at most {limits.max_new_tokens}")
         for q in questions:
             prompt.check_question(q)
-            if len(prompt.question_ids(gc.gist_model.tokenizer, q)) > limits.question_tokens:
+            if len(prompt.question_ids(gc.gist_model.tokenizer, q)) > limits.question_tokens:  # after check_question
                 raise TooLarge(f"a question is over {limits.question_tokens} tokens")
         return questions
 
     def blobs_for(ids: list[str]):
         blobs = [store.get(i) for i in dict.fromkeys(ids)]
-        check_blobs_for_model(blobs, gc.gist_model)
+        check_blobs_for_model(blobs, gc.model_for(blobs))  # press blobs are read by the reader, gist blobs by gists
         return blobs
 
     @app.post("/v1/ask")
@@ -236,7 +291,7 @@ def create_app(gc, store: BlobStore, *, token: str | None = None, limits: Limits
         def work():
             try:
                 with model_lock:
-                    gen = answer_from_blobs(gc.gist_model, blobs, question, max_new_tokens=max_new_tokens,
+                    gen = answer_from_blobs(gc.model_for(blobs), blobs, question, max_new_tokens=max_new_tokens,
                                             on_text=lambda piece: events.put(("token", {"text": piece})))
                 events.put(("done", {"question": question, "answer": gen.text, "ttft_ms": round(gen.ttft_s * 1000, 3),
                                      "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),

@@ -21,7 +21,7 @@ from gistctl.errors import GistctlError
 from gistctl.kv.blob import FORMAT_VERSION, GistBlob, read_blob
 from gistctl.runs import atomic_write_json, utc_now
 
-ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # use fullmatch: `$` would let a trailing newline through
 
 
 class StoreError(GistctlError):
@@ -50,6 +50,17 @@ def document_id(text: str, gist_model, dtype: str = "fp16", press: dict | None =
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def check_store_dir(root: str | Path) -> Path:
+    """Refuse, before any model loads, a store path that is a file or lies under one."""
+    root = Path(root)
+    for place in (root, *root.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise StoreError(f"store '{root}': '{place}' is a file, not a directory; give a directory for --store")
+            break
+    return root
+
+
 @dataclass
 class StoreEntry:
     """What the store knows of a document without reading its blob."""
@@ -75,10 +86,14 @@ class BlobStore:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_store_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_store_dir(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot use '{self.root}' as a blob store: {err.strerror or err}") from err
 
     def _checked(self, doc_id: str) -> str:
-        if not isinstance(doc_id, str) or not ID_PATTERN.match(doc_id):
+        if not isinstance(doc_id, str) or not ID_PATTERN.fullmatch(doc_id):
             raise StoreError(f"'{doc_id}' is not a document id (32 hex digits)")
         return doc_id
 
@@ -125,7 +140,7 @@ class BlobStore:
     def entries(self) -> list[StoreEntry]:
         found = []
         for path in sorted(self.root.glob("*.kv")):
-            if ID_PATTERN.match(path.stem):
+            if ID_PATTERN.fullmatch(path.stem):
                 try:
                     found.append(self.entry(path.stem))
                 except GistctlError:

@@ -149,6 +149,21 @@ def _edit_metadata(path, change):
     path.write_bytes(struct.pack("<Q", len(new_header)) + new_header + raw[8 + header_len :])
 
 
+def _edit_with_checksum(path, change):
+    """Edit the metadata and recompute its checksum, as a careful forger would."""
+    from safetensors import safe_open
+
+    from gistctl.kv.blob import blob_checksum
+
+    def edit(meta):
+        change(meta)
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = [handle.get_tensor(n) for n in ("keys", "values", "key_scales", "value_scales") if n in handle.keys()]
+        meta["checksum"] = blob_checksum(tensors, meta)
+
+    _edit_metadata(path, edit)
+
+
 def _flip_tensor_byte(path):
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF  # inside the values tensor (the data follows the header)
@@ -170,7 +185,12 @@ def _flip_tensor_byte(path):
     (lambda p: _edit_metadata(p, lambda m: m.update(gist_positions=m["gist_positions"][:-1])), "gist_positions"),
     (lambda p: _edit_metadata(p, lambda m: m.pop("checksum")), "missing checksum"),
     # the checksum covers the metadata as well as the tensors, and a blob without one is refused
-    (lambda p: _edit_metadata(p, lambda m: m.update(next_position=m["next_position"] + 4000)), "checksum mismatch"),
+    (lambda p: _edit_metadata(p, lambda m: m.update(created_at="2020-01-01T00:00:00Z")), "checksum mismatch"),
+    # positions are checked against the layout before the checksum: an edit with the checksum recomputed fails too
+    (lambda p: _edit_metadata(p, lambda m: m.update(next_position=m["next_position"] + 4000)), "next_position is"),
+    (lambda p: _edit_with_checksum(p, lambda m: m.update(next_position=5000)), "layout puts the question at"),
+    (lambda p: _edit_with_checksum(p, lambda m: m.update(gist_positions=[x + 1 for x in m["gist_positions"]],
+                                                         next_position=m["next_position"] + 1)), "gist_positions disagree"),
     (lambda p: _edit_metadata(p, lambda m: m.update(model_fingerprint="0" * 64)), "checksum mismatch"),
     (lambda p: _edit_metadata(p, lambda m: m.update(adapter_fingerprint="f" * 64)), "checksum mismatch"),
     (lambda p: (_edit_metadata(p, lambda m: m.update(checksum="")), _flip_tensor_byte(p)), "checksum must be a sha256"),

@@ -80,6 +80,19 @@ def test_answers_equal_the_python_api(client, tiny_gc, tmp_path):
         assert served == direct
 
 
+def test_press_blobs_in_the_store_are_asked_as_the_python_api_asks_them(client, tiny_gc, tmp_path):
+    store = BlobStore(tmp_path / "store")
+    entry, compressed = store.compress(tiny_gc, DOC_A, press="kvzip", ratio=0.5)
+    assert compressed and store.compress(tiny_gc, DOC_A, press="kvzip", ratio=0.5)[1] is False
+    assert entry.id != store.compress(tiny_gc, DOC_A, press="kvzip", ratio=0.75)[0].id  # the ratio is in the id
+    assert store.get(entry.id).meta.press == "kvzip"
+    served = client.post("/v1/ask", json={"documents": [entry.id], "question": "What is the call sign?",
+                                          "max_new_tokens": 6})
+    assert served.status_code == 200, served.text
+    direct = tiny_gc.ask(store.get(entry.id), "What is the call sign?", max_new_tokens=6).text
+    assert served.json()["answers"][0]["answer"] == direct
+
+
 def test_stream_sends_tokens_then_the_answer(client, tiny_gc):
     a = client.post("/v1/documents", json={"text": DOC_A}).json()["id"]
     with client.stream("POST", "/v1/ask", json={"documents": [a], "question": "Who keeps it?", "stream": True,

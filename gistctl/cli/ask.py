@@ -76,7 +76,7 @@ def split_blobs_and_questions(args: list[str]) -> tuple[list[str], list[str]]:
     """Leading arguments that name blobs (an existing file, a `.kv` path, a store id), then the questions."""
     blobs = []
     for i, arg in enumerate(args):
-        if i == 0 or arg.endswith(".kv") or ID_PATTERN.match(arg) or _is_file(arg):
+        if i == 0 or arg.endswith(".kv") or ID_PATTERN.fullmatch(arg) or _is_file(arg):
             blobs.append(arg)
         else:
             return blobs, args[i:]
@@ -93,7 +93,7 @@ def _is_file(arg: str) -> bool:
 def resolve_blob_arg(arg: str, store: str | None) -> Path:
     """A blob file, or a document id looked up in the store."""
     path = Path(arg)
-    if not path.exists() and ID_PATTERN.match(arg):
+    if not path.exists() and ID_PATTERN.fullmatch(arg):
         return BlobStore(None if store in (None, "default") else store).blob_path(arg)
     return path
 

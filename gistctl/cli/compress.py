@@ -11,7 +11,7 @@ from gistctl.cli.common import console, err_console, user_errors
 from gistctl.engine import DEFAULT_READER, Gistctl, load, open_reader_model, read_document, reader_for
 from gistctl.errors import DataError
 from gistctl.kv.blob import check_output_path
-from gistctl.store import BlobStore
+from gistctl.store import BlobStore, check_store_dir, default_store_dir
 
 
 @user_errors
@@ -47,6 +47,8 @@ def compress(
         raise DataError("give -o or --store, not both")
     if store is None:
         output = check_output_path(output or document.with_suffix(".kv"))  # before the work, not after it
+    else:
+        check_store_dir(default_store_dir() if store == "default" else store)  # before the model loads
     if press is not None:
         _compress_press(text, output, press, ratio, uniform, adapter, model, dtype, device, store, document.name,
                         gist_options=num_gist or chunk_tokens or positions or chunking)

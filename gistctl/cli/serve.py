@@ -30,15 +30,16 @@ def serve(
     """Serve compress and ask over HTTP: POST /v1/documents, POST /v1/ask (stream: true for server-sent events),
     GET /v1/documents, GET or DELETE /v1/documents/ID, GET /healthz."""
     from gistctl.engine import load
-    from gistctl.serve import Limits, check_bind, run_server
+    from gistctl.serve import Limits, check_bind, check_port, run_server
     from gistctl.store import BlobStore
 
     check_bind(host, token)  # before the model loads
+    blobs = BlobStore(store)  # a store path that is a file fails here, in one line
+    check_port(host, port)
     limits = Limits(document_bytes=max_document_bytes, request_bytes=max_document_bytes + 100_000,
                     question_tokens=max_question_tokens, max_new_tokens=max_new_tokens)
     with err_console.status("loading the model and adapter"):
         gc = load(model, adapter, num_gist=num_gist, device=device)
-    blobs = BlobStore(store)
     err_console.print(f"gistctl serving on http://{host}:{port} (store {blobs.root}, K {gc.num_gist})",
                       highlight=False)
     run_server(gc, blobs, host=host, port=port, token=token, limits=limits,

@@ -25,7 +25,7 @@ from safetensors.torch import save
 from gistctl import __version__
 from gistctl.errors import BlobError
 from gistctl.gist.chunks import CHUNKINGS, FIXED
-from gistctl.gist.positions import LAYOUTS, SEQUENTIAL
+from gistctl.gist.positions import COMPACT, LAYOUTS, SEQUENTIAL
 from gistctl.kv.sizes import kv_bytes
 from gistctl.runs import atomic_write_bytes, utc_now
 
@@ -320,6 +320,32 @@ def _validate(data: dict, where: str) -> None:
         bad("gist_positions", f"must be {total} positions (K x chunks)")
     if not _is_int(data["next_position"], max(positions) + 1):
         bad("next_position", "must be an integer past every gist position")
+    expected, question_at = layout_positions(data["document_tokens"], data["chunk_tokens"], data["chunking"],
+                                             data["num_gist"], data["positions"])
+    if positions != expected:
+        bad("gist_positions", f"disagree with the {data['positions']} layout of {data['document_tokens']} tokens in "
+                              f"chunks of {data['chunk_tokens']}")
+    if data["next_position"] != question_at:
+        bad("next_position", f"is {data['next_position']} but the {data['positions']} layout puts the question at "
+                             f"{question_at}")
+
+
+def layout_positions(document_tokens: int, chunk_tokens: int, chunking: str, num_gist: int,
+                     layout: str) -> tuple[list[int], int]:
+    """(every gist's position, the question's first position) that compress gives a document of this length:
+    sequential after each chunk in one long sequence; compact at 0 .. chunks x K - 1 (gistctl.gist.positions)."""
+    from gistctl.gist.chunks import split_chunks
+
+    lengths = [len(c) for c in split_chunks(list(range(document_tokens)), chunk_tokens, chunking)]
+    if layout == COMPACT:
+        total = num_gist * len(lengths)
+        return list(range(total)), total
+    positions, at = [], 0
+    for length in lengths:
+        at += length
+        positions += range(at, at + num_gist)
+        at += num_gist
+    return positions, at
 
 
 def _validate_press(data: dict, bad) -> None:
