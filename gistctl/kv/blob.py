@@ -293,20 +293,21 @@ def _validate(data: dict, where: str) -> None:
     fingerprint = data["adapter_fingerprint"]
     if not isinstance(fingerprint, str) or not (fingerprint == "none" or _HEX64.match(fingerprint)):
         bad("adapter_fingerprint", "must be a sha256 or 'none'")
+    def one_of(name: str, choices) -> None:
+        if data[name] not in choices:
+            bad(name, f"must be one of {', '.join(choices)}, got {data[name]!r}")
+
+    one_of("dtype", BLOB_DTYPES)
+    if not isinstance(data["rope"], dict):
+        bad("rope", "must be an object")
     if data["press"] is not None:
-        _validate_press(data, bad)
+        _validate_press(data, bad, one_of)
         return
     for name in ("num_gist", "num_chunks", "document_tokens", "chunk_tokens", "layers", "kv_heads", "head_dim"):
         if not _is_int(data[name], 1):
             bad(name, f"must be a positive integer, got {data[name]!r}")
-    if data["dtype"] not in BLOB_DTYPES:
-        bad("dtype", f"must be one of {', '.join(BLOB_DTYPES)}, got {data['dtype']!r}")
-    if data["positions"] not in LAYOUTS:
-        bad("positions", f"must be one of {', '.join(LAYOUTS)}, got {data['positions']!r}")
-    if data["chunking"] not in CHUNKINGS:
-        bad("chunking", f"must be one of {', '.join(CHUNKINGS)}, got {data['chunking']!r}")
-    if not isinstance(data["rope"], dict):
-        bad("rope", "must be an object")
+    one_of("positions", LAYOUTS)
+    one_of("chunking", CHUNKINGS)
     ids = data["gist_ids"]
     if not isinstance(ids, list) or len(ids) != data["num_gist"] or not all(_is_int(i) for i in ids):
         bad("gist_ids", f"must be {data['num_gist']} token ids (num_gist)")
@@ -348,7 +349,7 @@ def layout_positions(document_tokens: int, chunk_tokens: int, chunking: str, num
     return positions, at
 
 
-def _validate_press(data: dict, bad) -> None:
+def _validate_press(data: dict, bad, one_of) -> None:
     """A press blob's fields against each other: the question continues right after the prefilled entries, every
     head keeps between 1 and prefix_tokens entries, and the total agrees with the ratio under its budget."""
     from gistctl.kv.presses import BUDGETS, PRESSES
@@ -356,19 +357,13 @@ def _validate_press(data: dict, bad) -> None:
     for name in ("document_tokens", "prefix_tokens", "chunk_tokens", "layers", "kv_heads", "head_dim"):
         if not _is_int(data[name], 1):
             bad(name, f"must be a positive integer, got {data[name]!r}")
-    if data["press"] not in PRESSES:
-        bad("press", f"must be one of {', '.join(PRESSES)}, got {data['press']!r}")
+    one_of("press", PRESSES)
     ratio = data["ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         bad("ratio", f"must be in [0, 1), got {ratio!r}")
     if data["press"] == "none" and ratio != 0:
         bad("ratio", "must be 0 for press none")
-    if data["budget"] not in BUDGETS:
-        bad("budget", f"must be one of {', '.join(BUDGETS)}, got {data['budget']!r}")
-    if data["dtype"] not in BLOB_DTYPES:
-        bad("dtype", f"must be one of {', '.join(BLOB_DTYPES)}, got {data['dtype']!r}")
-    if not isinstance(data["rope"], dict):
-        bad("rope", "must be an object")
+    one_of("budget", BUDGETS)
     n = data["prefix_tokens"]
     if n < data["document_tokens"]:
         bad("prefix_tokens", f"is {n}, fewer than the document's {data['document_tokens']} tokens")
