@@ -11,7 +11,7 @@ from gistctl.cli.main import app
 def _check_sections(result, run_dir):
     assert result.exit_code == 0, result.output
     for section in ("Document", "tokens", "Answers", "from the gist blob alone", "from the press blob alone", "full", "rag",
-                    "What each method keeps", "gist KV blob on disk", "press blob on disk", "x smaller", "mean TTFT"):
+                    "What each method keeps", "gist KV blob on disk", "x smaller", "mean TTFT"):
         assert section in result.output, section
     saved = json.loads((run_dir / "demo.json").read_text())
     assert set(saved["answers"]) == {"gist", "press", "full", "rag"}
