@@ -288,3 +288,22 @@ def test_kvzip_keeps_a_planted_line_that_streaming_drops():
     question = "What is the secret code of the vault?"
     assert gc.ask(gc.compress(text, press="kvzip", ratio=0.9375), question).text == "7K2P9A"
     assert "7K2P9A" not in gc.ask(gc.compress(text, press="streaming", ratio=0.9375), question).text
+
+
+def test_kvzip_plus_weighs_an_entry_by_what_its_value_writes_through_the_output_projection(reader):
+    # KVzip+: a KV group whose output-projection columns are zero writes nothing to the residual stream, so its
+    # entries score 0 under normalize=True; plain KVzip, which sees only attention, still scores them
+    doc = prefill_document(reader, DOC)
+    attn = reader.model.model.layers[0].self_attn
+    span = attn.num_key_value_groups * attn.head_dim  # query heads are grouped by KV head, group 0 first
+    saved = attn.o_proj.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            attn.o_proj.weight[:, :span] = 0
+        plain, plus = KVzipPress(chunk=32).score(doc), KVzipPress(chunk=32, normalize=True).score(doc)
+    finally:
+        with torch.no_grad():
+            attn.o_proj.weight.copy_(saved)
+    body = slice(doc.head, doc.length)
+    assert (plus[0, 0, body] == 0).all() and (plain[0, 0, body] > 0).all()
+    assert (plus[0, 1, body] > 0).all() and (plus[1, :, body] > 0).all()

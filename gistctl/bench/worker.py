@@ -151,19 +151,12 @@ def run_press_example(gm, specs: list[MethodSpec], record: dict, job: dict):
     prefill, its press's scoring and its own blob: what `gistctl compress --press` would take."""
     from gistctl.engine import Gistctl
     from gistctl.kv.blob import read_blob
-    from gistctl.kv.press import prefill_document, press_blob
-    from gistctl.kv.presses import get_press, select_kept
+    from gistctl.kv.press import score_document
 
     device = gm.loaded.device
     _reset_peak(device)
-    start = time.perf_counter()
-    scored: dict[str, tuple] = {}
     try:
-        doc = prefill_document(gm, record["context"])
-        prefill_s = time.perf_counter() - start
-        for press in dict.fromkeys(s.press for s in specs):
-            begin = time.perf_counter()
-            scored[press] = (get_press(press).score(doc), time.perf_counter() - begin)
+        scored = score_document(gm, record["context"], [s.press for s in specs])
     except (GistctlError, torch.cuda.OutOfMemoryError) as err:
         for spec in specs:
             row = _base_row(spec, record, device)
@@ -171,14 +164,14 @@ def run_press_example(gm, specs: list[MethodSpec], record: dict, job: dict):
             yield row
         return
     shared_peak = peak_memory_bytes(device)
+    prefill_s = scored.prefill_seconds
     api = Gistctl(gm, gm)
     for spec in specs:
         row = _base_row(spec, record, device)
         begin = time.perf_counter()
-        scores, score_s = scored[spec.press]
-        keep = select_kept(scores, spec.ratio, spec.budget, doc.protected)
-        blob = press_blob(gm, doc, record["context"], keep, press=spec.press, ratio=spec.ratio, budget=spec.budget,
-                          dtype=spec.dtype)
+        score_s = scored.score_seconds[spec.press]
+        blob = scored.blob(gm, record["context"], press=spec.press, ratio=spec.ratio, budget=spec.budget,
+                           dtype=spec.dtype)
         target = Path(job["blob_dir"]).parent / spec.slug / f"{_file_name(record['id'])}.kv"
         target.parent.mkdir(parents=True, exist_ok=True)
         size = blob.save(target)

@@ -1,7 +1,8 @@
 """Two hooks into the model's attention that presses need, behind transformers' own attention registry.
 
-- `observe_attention(model, fn)`: `fn(layer, query, key)` sees every layer's post-RoPE queries (batch, heads, Q,
-  head_dim) and keys (batch, kv_heads, cache + Q, head_dim) as the model runs; presses score cached entries with it.
+- `observe_attention(model, fn)`: `fn(module, query, key, value, scaling)` sees every layer's attention module, its
+  post-RoPE queries (batch, heads, Q, head_dim), keys and values (batch, kv_heads, cache + Q, head_dim) and the
+  logit scale the model uses, as the model runs; presses score cached entries with it.
 - `entry_masks(model, keep)`: keep (layers, kv_heads, entries) bool hides the cache entries marked False from every
   query of that layer and KV head (a press blob's padding: kept counts differ per head, the cache is one length).
 
@@ -47,7 +48,8 @@ def _install() -> None:
         if state is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         if state.get("observe") is not None:
-            state["observe"](module.layer_idx, query, key)
+            scaling = kwargs.get("scaling")
+            state["observe"](module, query, key, value, module.scaling if scaling is None else scaling)
         keep = state.get("keep")
         if keep is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -100,8 +102,8 @@ def _state(model, **state) -> Iterator[None]:
             setattr(m, _STATE, old)
 
 
-def observe_attention(model, fn: Callable[[int, torch.Tensor, torch.Tensor], None]):
-    """Context manager: `fn(layer, query, key)` on every attention call (see the module docstring)."""
+def observe_attention(model, fn: Callable[..., None]):
+    """Context manager: `fn(module, query, key, value, scaling)` on every attention call (see the module docstring)."""
     return _state(model, observe=fn)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -77,6 +78,34 @@ def press_blob(gm: GistModel, doc: PrefilledDocument, text: str, keep: torch.Ten
     return GistBlob(kept_k.to(torch_dtype), kept_v.to(torch_dtype), meta)
 
 
+@dataclass
+class ScoredDocument:
+    """A document prefilled once and scored by one or more presses: what every blob of it at any ratio needs."""
+
+    doc: PrefilledDocument
+    scores: dict[str, torch.Tensor]  # press -> (layers, kv_heads, N)
+    prefill_seconds: float
+    score_seconds: dict[str, float]
+
+    def blob(self, gm: GistModel, text: str, *, press: str, ratio: float, budget: str = GLOBAL,
+             dtype: str = "fp16") -> GistBlob:
+        keep = select_kept(self.scores[press], ratio, budget, self.doc.protected)
+        return press_blob(gm, self.doc, text, keep, press=press, ratio=ratio, budget=budget, dtype=dtype)
+
+
+def score_document(gm: GistModel, text: str, presses) -> ScoredDocument:
+    """Prefill `text` once and score it with every press named (each timed)."""
+    start = time.perf_counter()
+    doc = prefill_document(gm, text)
+    prefill_seconds = time.perf_counter() - start
+    scores, seconds = {}, {}
+    for press in dict.fromkeys(presses):
+        begin = time.perf_counter()
+        scores[press] = get_press(press).score(doc)
+        seconds[press] = time.perf_counter() - begin
+    return ScoredDocument(doc, scores, prefill_seconds, seconds)
+
+
 def compress_with_press(gm: GistModel, text: str, *, press: str = "kvzip", ratio: float = 0.9375,
                         budget: str = GLOBAL, dtype: str = "fp16") -> tuple[GistBlob, CompressStats]:
     """Prefill, score with `press`, keep (1 - ratio) of the entries under `budget`; the blob held in memory."""
@@ -85,12 +114,8 @@ def compress_with_press(gm: GistModel, text: str, *, press: str = "kvzip", ratio
     if dtype not in BLOB_DTYPES:
         raise DataError(f"blob dtype must be one of {', '.join(BLOB_DTYPES)}, got '{dtype}'")
     start = time.perf_counter()
-    doc = prefill_document(gm, text)
-    prefilled = time.perf_counter()
-    scores = get_press(press).score(doc)
-    scored = time.perf_counter()
-    keep = select_kept(scores, ratio, budget, doc.protected)
-    blob = press_blob(gm, doc, text, keep, press=press, ratio=ratio, budget=budget, dtype=dtype)
+    scored = score_document(gm, text, [press])
+    blob = scored.blob(gm, text, press=press, ratio=ratio, budget=budget, dtype=dtype)
     stats = CompressStats(blob.meta.document_tokens, 1, time.perf_counter() - start, blob.meta.full_kv_bytes,
-                          prefill_seconds=prefilled - start, score_seconds=scored - prefilled)
+                          prefill_seconds=scored.prefill_seconds, score_seconds=scored.score_seconds[press])
     return blob, stats

@@ -31,10 +31,11 @@ class SnapKVPress:
         layers, kv_heads = len(doc.keys), doc.keys[0].shape[1]
         scores = torch.zeros(layers, kv_heads, n)
 
-        def observe(layer: int, query: torch.Tensor, key: torch.Tensor):
+        def observe(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+            layer = module.layer_idx
             groups = query.shape[1] // key.shape[1]
             q = query.float().view(1, key.shape[1], groups, w, -1)
-            logits = q @ key.float()[:, :, None].transpose(-1, -2) * (query.shape[-1] ** -0.5)
+            logits = q @ key.float()[:, :, None].transpose(-1, -2) * scaling
             causal = torch.ones(w, w, dtype=torch.bool, device=logits.device).tril()
             logits[..., -w:] = logits[..., -w:].masked_fill(~causal, float("-inf"))
             mean = logits.softmax(dim=-1).mean(dim=(2, 3))  # (1, kv_heads, N)
