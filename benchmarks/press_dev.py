@@ -1,8 +1,10 @@
-"""Press variants on a development set (SQuAD *train* articles): which way of choosing kept entries holds answers
+"""Press variants on a development set (SQuAD's `dev` split: articles of the train file bucketed apart from both the
+training and the bench's `eval` articles): which way of choosing kept entries holds answers
 best at 8x and 16x fewer entries. Each document is prefilled and scored once per scoring; every selection rule is
 then asked from a real blob (written in memory, read back through the engine) with the shipped full-reader.
 
-    python benchmarks/press_dev.py --data data/dev/squad_train30.jsonl --out runs/press-dev/rows.jsonl
+    gistctl data squad --from data/squad.json --split dev --tokens 1k..4k --n 30 --seed 7301 -o data/dev/squad_dev30.jsonl
+    python benchmarks/press_dev.py --data data/dev/squad_dev30.jsonl --out runs/press-dev/rows.jsonl
 
 Rows are appended as they come (a rerun skips the (id, variant, ratio) rows already there); `--summary` prints mean
 F1 per variant and ratio. Never point it at held-out data (essays, HotpotQA, the wiki summaries, examples/).

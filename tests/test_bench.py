@@ -504,3 +504,16 @@ def test_full_lora_column_reads_with_the_reader_adapter_and_reports_retention(ti
     assert metrics["retention"]["ceiling"] == "full+lora"
     assert "gist[none,K=2]" in metrics["retention"]["columns"]
     assert "retention gist[none,K=2] / full+lora" in result.output
+
+
+def test_press_compress_cost_is_reported_against_its_own_prefill_per_document():
+    costs = ((2.0, 5.8), (1.0, 3.2), (4.0, 10.0))  # (prefill_s, prepare_s): 2.9x, 3.2x, 2.5x
+    rows = [{"method": "kvzip[0.75,fp16]", "kind": "press", "dtype": "fp16", "id": f"p{i}", "task": "qa",
+             "primary": 0.5, "prefill_s": pre, "prepare_s": prep, "document_tokens": 1000, "state_bytes": 2048,
+             "compression_ratio": 4.0, "kept_fraction": 0.25, "ttft_ms": 10.0} for i, (pre, prep) in enumerate(costs)]
+    rows.append({**rows[0], "id": "gone", "error": "too long", "prefill_s": 1.0, "prepare_s": 100.0})  # not counted
+    m = summarize(rows, ["kvzip[0.75,fp16]"])["methods"]["kvzip[0.75,fp16]"]
+    assert m["prepare_x_prefill"] == {"median": pytest.approx(2.9), "min": pytest.approx(2.5),
+                                      "max": pytest.approx(3.2), "n": 3}
+    table = render_markdown({**summarize(rows, ["kvzip[0.75,fp16]"]), "data": "d", "model": "m", "device": "cpu"})
+    assert "| 2.90 (2.50–3.20) |" in table and "x prefill" in table
