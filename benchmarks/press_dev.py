@@ -61,12 +61,27 @@ def layerwise(scores: torch.Tensor, ratio: float, protected: int) -> torch.Tenso
     return keep
 
 
+def layer_floored(scores: torch.Tensor, ratio: float, protected: int, alpha: float) -> torch.Tensor:
+    """Every layer keeps its best alpha x (its equal share) over its heads; the rest goes to one global threshold."""
+    layers, heads, n = scores.shape
+    per_head = kept_per_head(n, ratio, protected)
+    floor = int(alpha * per_head * heads)
+    s = scores.float().clone()
+    s[..., :protected] = float("inf")
+    if floor:
+        top = s.reshape(layers, -1).topk(floor, dim=-1).indices
+        s.view(layers, -1).scatter_(-1, top, float("inf"))
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep.view(-1)[s.flatten().topk(per_head * layers * heads).indices] = True
+    return keep
+
+
 VARIANTS = "kvzip,kvzip-avg5,kvzip-max3,kvzip-safeguard0.2,kvzip-layerwise,kvzip+,kvzip+-max3"
 
 
 def select(name: str, scored: dict[str, torch.Tensor], ratio: float, protected: int) -> torch.Tensor:
     """`<scoring>[-<rule>]`: scoring kvzip or kvzip+; rule avgK / maxK (pool the scores over K neighbours, then one
-    threshold), safeguardA (AdaKV's floor), layerwise (one threshold per layer); none: one global threshold."""
+    threshold), safeguardA (AdaKV's floor), layerfloorA (the same per layer), layerwise (one threshold per layer); none: one global threshold."""
     scoring, _, rule = name.partition("-")
     s = scored[scoring]
     if not rule:
@@ -75,6 +90,8 @@ def select(name: str, scored: dict[str, torch.Tensor], ratio: float, protected: 
         return select_kept(pooled(s, int(rule[3:]), rule[:3]), ratio, "global", protected)
     if rule.startswith("safeguard"):
         return safeguarded(s, ratio, protected, float(rule[len("safeguard"):]))
+    if rule.startswith("layerfloor"):
+        return layer_floored(s, ratio, protected, float(rule[len("layerfloor"):]))
     if rule == "layerwise":
         return layerwise(s, ratio, protected)
     raise SystemExit(f"unknown variant {name}")
@@ -93,6 +110,16 @@ def summary(path: Path, metric: str) -> None:
         print(f"{variant:22} {ratio:6.4f} {len(f1):3d} {mean:6.3f} {(mean / base if base else float('nan')):9.2f}")
 
 
+def kept_by_layer(scores_dir: Path, variant: str, ratios: list[float]) -> None:
+    """The share of each layer's entries a variant keeps, averaged over the cached documents' scores."""
+    files = sorted(scores_dir.glob("*.safetensors"))
+    for ratio in ratios:
+        shares = torch.stack([select(variant, load_file(str(f)), ratio, 4).float().mean(dim=(1, 2)) for f in files])
+        print(f"{variant} {ratio}: kept share per layer over {len(files)} documents (min / max layer: "
+              f"{shares.mean(0).min():.3f} / {shares.mean(0).max():.3f})")
+        print("  " + " ".join(f"{v:.2f}" for v in shares.mean(0).tolist()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, required=True)
@@ -101,15 +128,20 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--kept-by-layer", action="store_true", help="per-layer kept share from --scores-dir, no model")
     ap.add_argument("--variants", default=VARIANTS)
     ap.add_argument("--meter", choices=["f1", "nll"], default="f1",
                     help="f1: greedy answer scored; nll: mean negative log-likelihood of the gold answer's tokens")
     ap.add_argument("--scores-dir", type=Path, default=None, help="cache of each document's scores (safetensors)")
     args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if args.kept_by_layer:
+        for variant in args.variants.split(","):
+            kept_by_layer(args.scores_dir, variant, ratios)
+        return
     if args.summary:
         summary(args.out, args.meter)
         return
-    ratios = [float(r) for r in args.ratios.split(",")]
     records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     if args.limit:
         records = records[: args.limit]
