@@ -517,3 +517,40 @@ def test_press_compress_cost_is_reported_against_its_own_prefill_per_document():
                                       "max": pytest.approx(3.2), "n": 3}
     table = render_markdown({**summarize(rows, ["kvzip[0.75,fp16]"]), "data": "d", "model": "m", "device": "cpu"})
     assert "| 2.90 (2.50–3.20) |" in table and "x prefill" in table
+
+
+def test_press_columns_bench_end_to_end_beside_their_reader(tiny_model_dir, tmp_path):
+    """kvzip and streaming at two ratios and two dtypes, read with a (one-step) full reader: one worker for the presses,
+    ratio 0 answers exactly as full+lora, kept shares and bytes follow the ratio and dtype, the frontier is drawn."""
+    from test_train import passkey_records, settings
+    from gistctl.train.loop import train
+
+    write_jsonl(tmp_path / "train.jsonl", passkey_records())
+    reader = train(settings(tiny_model_dir, tmp_path / "train.jsonl", reader="full", max_steps=1), tmp_path / "full")
+    data, run_dir = write_data(tmp_path / "set.jsonl"), tmp_path / "run"
+    result = runner.invoke(app, ["bench", "--methods", "kvzip,streaming,full+lora", "--ratios", "0,0.5",
+                                 "--dtypes", "fp16,int8", "--reader-adapter", str(reader.final_dir), "--model",
+                                 str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--data", str(data),
+                                 "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    rows = read_rows(run_dir)
+    by = {(r["method"], r["id"]): r for r in rows}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    presses = [c for c in metrics["columns"] if metrics["methods"][c]["kind"] == "press"]
+    assert len(presses) == 8 and len(rows) == 9 * 3
+    for i in range(3):
+        full = by[("full+lora", f"ex-{i}")]
+        for press in ("kvzip", "streaming"):
+            whole = by[(f"{press}[0,fp16]", f"ex-{i}")]
+            assert whole["prediction"] == full["prediction"]  # ratio 0 keeps the whole cache
+            half, half8 = by[(f"{press}[0.5,fp16]", f"ex-{i}")], by[(f"{press}[0.5,int8]", f"ex-{i}")]
+            # entries over the document's tokens: the template's head is stored too, so ratio 0 is a little over 1
+            assert 1 < whole["kept_fraction"] < 1.1
+            assert half["kept_fraction"] == pytest.approx(whole["kept_fraction"] / 2, abs=0.02)
+            assert half8["state_bytes"] < 0.7 * half["state_bytes"] < 0.7 * whole["state_bytes"]
+            assert half["prefill_s"] > 0 and half["prepare_s"] >= half["prefill_s"]
+    workers = sorted(p.name for p in (run_dir / "workers").glob("*.log"))
+    assert len(workers) == 2, workers  # every press column of one reader shares one worker (one prefill each)
+    report = (run_dir / "report.md").read_text()
+    assert "## Frontier (compressed columns)" in report and "| kvzip[0.5,int8] | int8 |" in report
+    assert (run_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

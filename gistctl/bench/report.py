@@ -286,7 +286,8 @@ def render_markdown(metrics: dict, criteria: list | None = None) -> str:
     frontier = frontier_rows(metrics)
     if frontier:
         parts += ["## Frontier (compressed columns)", "",
-                  "Entries kept: the share of the document's KV entries (layers x KV heads x tokens) the blob holds. "
+                  "Entries kept: the blob's entries over the document's KV entries (layers x KV heads x document tokens); "
+                  "a press blob also holds the chat template's head, so ratio 0 shows a little over 100%. "
                   "Blob KiB: mean file size per document. Compress s / 1k: prepare seconds (prefill, scoring, "
                   "writing) per 1,000 document tokens. x prefill: a press's prepare seconds over its prefill's "
                   "alone, median (min–max) per document. Retention: accuracy over the trained ceiling's.", "",
