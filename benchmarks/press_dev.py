@@ -19,14 +19,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-from gistctl.engine import Gistctl, open_reader_model, DEFAULT_READER
-from gistctl.kv.press import prefill_document, press_blob
-from gistctl.kv.answer import answer_ranks
-from gistctl.kv.presses import select_kept
-from gistctl.kv.presses.kvzip import KVzipPress
 from safetensors.torch import load_file, save_file
+
+from gistctl.engine import DEFAULT_READER, Gistctl, open_reader_model
+from gistctl.kv.answer import answer_ranks
+from gistctl.kv.press import prefill_document, press_blob
+from gistctl.kv.presses import select_kept
 from gistctl.kv.presses.base import kept_per_head
+from gistctl.kv.presses.kvzip import KVzipPress
 from gistctl.scoring import score
 
 
@@ -36,41 +36,17 @@ def pooled(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
     return pool(flat, kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
 
 
-def safeguarded(scores: torch.Tensor, ratio: float, protected: int, alpha: float) -> torch.Tensor:
-    """AdaKV's safeguard: every head keeps its best alpha x (its uniform share); the rest goes to one threshold."""
-    layers, heads, n = scores.shape
-    per_head = kept_per_head(n, ratio, protected)
-    floor = max(protected, int(alpha * per_head))
-    s = scores.float().clone()
-    s[..., :protected] = float("inf")
-    top = s.topk(floor, dim=-1).indices
-    s.scatter_(-1, top, float("inf"))
-    keep = torch.zeros_like(s, dtype=torch.bool)
-    keep.view(-1)[s.flatten().topk(per_head * layers * heads).indices] = True
-    return keep
-
-
-def layerwise(scores: torch.Tensor, ratio: float, protected: int) -> torch.Tensor:
+def floored(scores: torch.Tensor, ratio: float, protected: int, alpha: float, per: str) -> torch.Tensor:
+    """Every head (`per` "head": AdaKV's safeguard) or every layer (`per` "layer") first keeps its best alpha x its
+    equal share; the rest of the budget goes to one global threshold. alpha 1 per layer: one threshold per layer."""
     layers, heads, n = scores.shape
     per_head = kept_per_head(n, ratio, protected)
     s = scores.float().clone()
     s[..., :protected] = float("inf")
-    keep = torch.zeros_like(s, dtype=torch.bool)
-    top = s.reshape(layers, -1).topk(per_head * heads, dim=-1).indices
-    keep.view(layers, -1).scatter_(-1, top, True)
-    return keep
-
-
-def layer_floored(scores: torch.Tensor, ratio: float, protected: int, alpha: float) -> torch.Tensor:
-    """Every layer keeps its best alpha x (its equal share) over its heads; the rest goes to one global threshold."""
-    layers, heads, n = scores.shape
-    per_head = kept_per_head(n, ratio, protected)
-    floor = int(alpha * per_head * heads)
-    s = scores.float().clone()
-    s[..., :protected] = float("inf")
+    groups = s.view(layers * heads, n) if per == "head" else s.view(layers, heads * n)
+    floor = int(alpha * per_head * groups.shape[1] // n)
     if floor:
-        top = s.reshape(layers, -1).topk(floor, dim=-1).indices
-        s.view(layers, -1).scatter_(-1, top, float("inf"))
+        groups.scatter_(-1, groups.topk(floor, dim=-1).indices, float("inf"))
     keep = torch.zeros_like(s, dtype=torch.bool)
     keep.view(-1)[s.flatten().topk(per_head * layers * heads).indices] = True
     return keep
@@ -89,11 +65,11 @@ def select(name: str, scored: dict[str, torch.Tensor], ratio: float, protected: 
     if rule.startswith(("avg", "max")):
         return select_kept(pooled(s, int(rule[3:]), rule[:3]), ratio, "global", protected)
     if rule.startswith("safeguard"):
-        return safeguarded(s, ratio, protected, float(rule[len("safeguard"):]))
+        return floored(s, ratio, protected, float(rule[len("safeguard"):]), "head")
     if rule.startswith("layerfloor"):
-        return layer_floored(s, ratio, protected, float(rule[len("layerfloor"):]))
+        return floored(s, ratio, protected, float(rule[len("layerfloor"):]), "layer")
     if rule == "layerwise":
-        return layerwise(s, ratio, protected)
+        return floored(s, ratio, protected, 1.0, "layer")
     raise SystemExit(f"unknown variant {name}")
 
 

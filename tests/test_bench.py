@@ -473,20 +473,28 @@ def test_dtype_columns_store_int8_blobs(tiny_model_dir, tmp_path):
         assert b["compression_ratio"] == pytest.approx(b["full_kv_bytes"] / b["state_bytes"])
 
 
-def test_full_lora_column_reads_with_the_reader_adapter_and_reports_retention(tiny_model_dir, tmp_path):
-    """A full+lora column runs in its worker with the reader adapter merged: its answers are those of
-    `open_text_method('full', adapter=...)`, unlike the plain full column's, and the report has retention."""
+@pytest.fixture(scope="module")
+def tiny_reader(tiny_model_dir, tmp_path_factory):
+    """A full-context reader adapter for the tiny model, 20 steps on the first two examples."""
     from gistctl.config import load_config
-    from gistctl.data.schema import read_jsonl
-    from gistctl.engine import open_text_method
     from gistctl.train.loop import train
 
-    data = write_data(tmp_path / "set.jsonl", 2)
+    root = tmp_path_factory.mktemp("reader")
+    data = write_data(root / "set.jsonl", 2)
     config = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "gist.num_gist": 2,
                                 "train.data": str(data), "train.batch_size": 2, "train.max_steps": 20,
                                 "train.lr": 1e-2, "train.reader": "full", "train.bf16": False, "lora.r": 4,
                                 "lora.alpha": 8})
-    reader = train(config, tmp_path / "train").final_dir
+    return train(config, root / "train").final_dir
+
+
+def test_full_lora_column_reads_with_the_reader_adapter_and_reports_retention(tiny_model_dir, tiny_reader, tmp_path):
+    """A full+lora column runs in its worker with the reader adapter merged: its answers are those of
+    `open_text_method('full', adapter=...)`, unlike the plain full column's, and the report has retention."""
+    from gistctl.data.schema import read_jsonl
+    from gistctl.engine import open_text_method
+
+    data, reader = write_data(tmp_path / "set.jsonl", 2), tiny_reader
     result = runner.invoke(app, ["bench", "--methods", "gist,full,full+lora", "--adapter", "none", "--num-gist", "2",
                                  "--reader-adapter", str(reader), "--model", str(tiny_model_dir), "--device", "cpu",
                                  "--max-new-tokens", "4", "--data", str(data), "--run-dir", str(tmp_path / "run")])
@@ -519,17 +527,12 @@ def test_press_compress_cost_is_reported_against_its_own_prefill_per_document():
     assert "| 2.90 (2.50–3.20) |" in table and "x prefill" in table
 
 
-def test_press_columns_bench_end_to_end_beside_their_reader(tiny_model_dir, tmp_path):
-    """kvzip and streaming at two ratios and two dtypes, read with a (one-step) full reader: one worker for the presses,
+def test_press_columns_bench_end_to_end_beside_their_reader(tiny_model_dir, tiny_reader, tmp_path):
+    """kvzip and streaming at two ratios and two dtypes, read with a full reader: one worker for the presses,
     ratio 0 answers exactly as full+lora, kept shares and bytes follow the ratio and dtype, the frontier is drawn."""
-    from test_train import passkey_records, settings
-    from gistctl.train.loop import train
-
-    write_jsonl(tmp_path / "train.jsonl", passkey_records())
-    reader = train(settings(tiny_model_dir, tmp_path / "train.jsonl", reader="full", max_steps=1), tmp_path / "full")
     data, run_dir = write_data(tmp_path / "set.jsonl"), tmp_path / "run"
     result = runner.invoke(app, ["bench", "--methods", "kvzip,streaming,full+lora", "--ratios", "0,0.5",
-                                 "--dtypes", "fp16,int8", "--reader-adapter", str(reader.final_dir), "--model",
+                                 "--dtypes", "fp16,int8", "--reader-adapter", str(tiny_reader), "--model",
                                  str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--data", str(data),
                                  "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output

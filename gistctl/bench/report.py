@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 from typing import Any
 
 from gistctl.runs import RunDir, atomic_write_bytes
@@ -81,11 +82,7 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     """Median, min and max, or None for no values."""
     if not values:
         return None
-    ordered_values = sorted(values)
-    mid = len(ordered_values) // 2
-    median = (ordered_values[mid] if len(ordered_values) % 2 else
-              (ordered_values[mid - 1] + ordered_values[mid]) / 2)
-    return {"median": median, "min": ordered_values[0], "max": ordered_values[-1], "n": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def summarize_column(rows: list[dict]) -> dict[str, Any]:

@@ -170,8 +170,7 @@ def run_press_example(gm, specs: list[MethodSpec], record: dict, job: dict):
         row = _base_row(spec, record, device)
         begin = time.perf_counter()
         score_s = scored.score_seconds[spec.press]
-        blob = scored.blob(gm, record["context"], press=spec.press, ratio=spec.ratio, budget=spec.budget,
-                           dtype=spec.dtype)
+        blob = scored.blob(spec.press, spec.ratio, spec.budget, spec.dtype)
         target = Path(job["blob_dir"]).parent / spec.slug / f"{_file_name(record['id'])}.kv"
         target.parent.mkdir(parents=True, exist_ok=True)
         size = blob.save(target)

@@ -82,15 +82,16 @@ def press_blob(gm: GistModel, doc: PrefilledDocument, text: str, keep: torch.Ten
 class ScoredDocument:
     """A document prefilled once and scored by one or more presses: what every blob of it at any ratio needs."""
 
+    gm: GistModel
+    text: str
     doc: PrefilledDocument
     scores: dict[str, torch.Tensor]  # press -> (layers, kv_heads, N)
     prefill_seconds: float
     score_seconds: dict[str, float]
 
-    def blob(self, gm: GistModel, text: str, *, press: str, ratio: float, budget: str = GLOBAL,
-             dtype: str = "fp16") -> GistBlob:
+    def blob(self, press: str, ratio: float, budget: str = GLOBAL, dtype: str = "fp16") -> GistBlob:
         keep = select_kept(self.scores[press], ratio, budget, self.doc.protected)
-        return press_blob(gm, self.doc, text, keep, press=press, ratio=ratio, budget=budget, dtype=dtype)
+        return press_blob(self.gm, self.doc, self.text, keep, press=press, ratio=ratio, budget=budget, dtype=dtype)
 
 
 def score_document(gm: GistModel, text: str, presses) -> ScoredDocument:
@@ -103,7 +104,7 @@ def score_document(gm: GistModel, text: str, presses) -> ScoredDocument:
         begin = time.perf_counter()
         scores[press] = get_press(press).score(doc)
         seconds[press] = time.perf_counter() - begin
-    return ScoredDocument(doc, scores, prefill_seconds, seconds)
+    return ScoredDocument(gm, text, doc, scores, prefill_seconds, seconds)
 
 
 def compress_with_press(gm: GistModel, text: str, *, press: str = "kvzip", ratio: float = 0.9375,
@@ -115,7 +116,7 @@ def compress_with_press(gm: GistModel, text: str, *, press: str = "kvzip", ratio
         raise DataError(f"blob dtype must be one of {', '.join(BLOB_DTYPES)}, got '{dtype}'")
     start = time.perf_counter()
     scored = score_document(gm, text, [press])
-    blob = scored.blob(gm, text, press=press, ratio=ratio, budget=budget, dtype=dtype)
+    blob = scored.blob(press, ratio, budget, dtype)
     stats = CompressStats(blob.meta.document_tokens, 1, time.perf_counter() - start, blob.meta.full_kv_bytes,
                           prefill_seconds=scored.prefill_seconds, score_seconds=scored.score_seconds[press])
     return blob, stats

@@ -13,7 +13,6 @@ projection (||W_o v||, per query head), so an entry attended to but contributing
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +88,8 @@ class KVzipPress:
                     weights = weights * _output_norms(module, value[:, :, start:end])[None, :, :, None, :]
                 scores[module.layer_idx, :, start:end] = weights.amax(dim=(2, 3))[0].cpu()
 
-            with observe_attention(model, observe), _hidden_norms(model, norms, self.normalize):
+            with observe_attention(model, observe), \
+                    (_hidden_norms(model, norms) if self.normalize else contextlib.nullcontext()):
                 model(input_ids=torch.tensor([ids], device=device),
                       position_ids=torch.arange(n, n + q_len, device=device)[None],
                       attention_mask=mask_for_model(prefix_mask(n, q_len), model), cache=doc.cache(),
@@ -108,11 +108,8 @@ def _output_norms(module, values: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _hidden_norms(model, norms: dict, active: bool):
-    """While active, norms[layer] = (Q,) norms of each attention module's input hidden states."""
-    if not active:
-        yield
-        return
+def _hidden_norms(model, norms: dict):
+    """Inside, norms[layer] = (Q,) norms of each attention module's input hidden states."""
 
     def hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
